@@ -1,0 +1,323 @@
+//! Body types: the bounded one-time read of the caller's body, the replayable body every attempt
+//! sends, and the response body handed back to the caller.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+/// The request body the inner service receives: slices of the caller's one buffered body (with
+/// the target's model spliced in), replayed without copying.
+///
+/// Cloning is cheap (one reference count), and [`Body::size_hint`] is exact, so inner layers that
+/// need `Request: Clone` (tower's `Retry`, `Hedge`) work, and `content-length` always matches.
+///
+/// ```
+/// use http_body::Body;
+/// use tower_model_fallback::ReplayBody;
+///
+/// let body = ReplayBody::from("{\"model\":\"m\"}");
+/// assert_eq!(body.size_hint().exact(), Some(13));
+/// ```
+#[derive(Clone, Default)]
+pub struct ReplayBody {
+    segments: Option<Arc<[Bytes]>>,
+    next: usize,
+    remaining: u64,
+}
+
+impl ReplayBody {
+    /// A body that sends `segments` one after the other.
+    pub(crate) fn from_segments(segments: Vec<Bytes>) -> Self {
+        let remaining = segments.iter().map(|s| s.len() as u64).sum();
+        ReplayBody {
+            segments: (!segments.is_empty()).then(|| Arc::from(segments)),
+            next: 0,
+            remaining,
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        ReplayBody::default()
+    }
+
+    /// The bytes this body has left to send.
+    pub fn len(&self) -> u64 {
+        self.remaining
+    }
+
+    /// Whether this body has nothing left to send.
+    pub fn is_empty(&self) -> bool {
+        self.remaining == 0
+    }
+}
+
+impl From<Bytes> for ReplayBody {
+    fn from(bytes: Bytes) -> Self {
+        ReplayBody::from_segments(vec![bytes])
+    }
+}
+
+impl From<&'static str> for ReplayBody {
+    fn from(s: &'static str) -> Self {
+        ReplayBody::from(Bytes::from_static(s.as_bytes()))
+    }
+}
+
+impl From<Vec<u8>> for ReplayBody {
+    fn from(v: Vec<u8>) -> Self {
+        ReplayBody::from(Bytes::from(v))
+    }
+}
+
+impl fmt::Debug for ReplayBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplayBody")
+            .field("remaining", &self.remaining)
+            .finish()
+    }
+}
+
+impl Body for ReplayBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        let Some(segments) = &this.segments else {
+            return Poll::Ready(None);
+        };
+        match segments.get(this.next) {
+            Some(chunk) => {
+                this.next += 1;
+                this.remaining -= chunk.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(chunk.clone()))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Accumulates the caller's body up to a bound; a body that arrives in one chunk is kept as is.
+pub(crate) struct Collector {
+    limit: usize,
+    len: usize,
+    first: Option<Bytes>,
+    rest: BytesMut,
+}
+
+/// The body grew past the bound.
+pub(crate) struct TooLarge;
+
+impl Collector {
+    pub(crate) fn new(limit: usize) -> Self {
+        Collector {
+            limit,
+            len: 0,
+            first: None,
+            rest: BytesMut::new(),
+        }
+    }
+
+    /// Whether a body announcing `hint` can be rejected before reading a byte.
+    pub(crate) fn rejects(&self, hint: &SizeHint) -> bool {
+        hint.lower() > self.limit as u64
+    }
+
+    pub(crate) fn push(&mut self, mut data: impl Buf, hint: &SizeHint) -> Result<(), TooLarge> {
+        let n = data.remaining();
+        if n == 0 {
+            return Ok(());
+        }
+        self.len = self.len.checked_add(n).ok_or(TooLarge)?;
+        if self.len > self.limit {
+            return Err(TooLarge);
+        }
+        if self.first.is_none() && self.rest.is_empty() {
+            // `Bytes::copy_to_bytes` is a reference-counted slice: the common single-chunk body
+            // is never copied.
+            self.first = Some(data.copy_to_bytes(n));
+            return Ok(());
+        }
+        if let Some(first) = self.first.take() {
+            let expected = (self.len as u64).max(hint.lower().saturating_add(first.len() as u64));
+            let capacity = expected.min(self.limit as u64) as usize;
+            self.rest.reserve(capacity);
+            self.rest.extend_from_slice(&first);
+        }
+        while data.has_remaining() {
+            let chunk = data.chunk();
+            let k = chunk.len();
+            self.rest.extend_from_slice(chunk);
+            data.advance(k);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => self.rest.freeze(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body handed to the caller: the inner response's body, streamed through
+    /// unchanged, preceded by any frames the layer had to read to classify the response.
+    pub struct ResponseBody<B: Body> {
+        buffered: VecDeque<Frame<B::Data>>,
+        error: Option<B::Error>,
+        inner_done: bool,
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn new(inner: B) -> Self {
+        ResponseBody {
+            buffered: VecDeque::new(),
+            error: None,
+            inner_done: false,
+            inner,
+        }
+    }
+
+    pub(crate) fn with_buffered(
+        inner: B,
+        buffered: VecDeque<Frame<B::Data>>,
+        error: Option<B::Error>,
+        inner_done: bool,
+    ) -> Self {
+        ResponseBody {
+            buffered,
+            inner_done: inner_done || error.is_some(),
+            error,
+            inner,
+        }
+    }
+
+    /// The inner response body (frames already read by the layer are not in it).
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: Body + fmt::Debug> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("buffered_frames", &self.buffered.len())
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        if let Some(frame) = this.buffered.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(error) = this.error.take() {
+            return Poll::Ready(Some(Err(error)));
+        }
+        if *this.inner_done {
+            return Poll::Ready(None);
+        }
+        this.inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.buffered.is_empty()
+            && self.error.is_none()
+            && (self.inner_done || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self
+            .buffered
+            .iter()
+            .filter_map(|f| f.data_ref().map(|d| d.remaining() as u64))
+            .sum();
+        if self.inner_done {
+            return SizeHint::with_exact(buffered);
+        }
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(buffered));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(buffered));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_single_chunk_is_kept_without_copying() {
+        let chunk = Bytes::from(vec![b'x'; 1024]);
+        let ptr = chunk.as_ptr();
+        let mut c = Collector::new(4096);
+        assert!(c.push(chunk, &SizeHint::new()).is_ok());
+        assert_eq!(c.finish().as_ptr(), ptr);
+    }
+
+    #[test]
+    fn several_chunks_are_joined_and_bounded() {
+        let mut c = Collector::new(5);
+        assert!(c.push(Bytes::from_static(b"ab"), &SizeHint::new()).is_ok());
+        assert!(c.push(Bytes::from_static(b"cde"), &SizeHint::new()).is_ok());
+        assert!(c.push(Bytes::from_static(b"f"), &SizeHint::new()).is_err());
+        let mut c = Collector::new(5);
+        assert!(c.push(Bytes::from_static(b"ab"), &SizeHint::new()).is_ok());
+        assert!(c.push(Bytes::from_static(b"cde"), &SizeHint::new()).is_ok());
+        assert_eq!(&c.finish()[..], b"abcde");
+    }
+
+    #[test]
+    fn replay_body_reports_an_exact_size_and_clones_from_its_position() {
+        let body =
+            ReplayBody::from_segments(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]);
+        assert_eq!(body.size_hint().exact(), Some(5));
+        let mut polled = body.clone();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut polled).poll_frame(&mut cx) else {
+            panic!("expected a frame");
+        };
+        assert_eq!(frame.into_data().unwrap(), Bytes::from_static(b"ab"));
+        assert_eq!(polled.size_hint().exact(), Some(3));
+        assert_eq!(
+            body.size_hint().exact(),
+            Some(5),
+            "the original is untouched"
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Errors: [`FallbackError`] for requests that end without a response, [`ConfigError`] for
+//! targets and layers that cannot be built.
+
+use std::borrow::Cow;
+use std::error::Error as StdError;
+use std::fmt;
+
+use crate::policy::ErrorKind;
+use crate::report::{AttemptOutcome, FallbackReport};
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A request that ended without a response to hand back.
+///
+/// Either nothing was sent (the body was over the bound, unreadable or invalid JSON), or every
+/// attempt failed without a response. Its `Display` lists every attempt, one per line; the last
+/// inner error is its [`source`](StdError::source); its [`report`](FallbackError::report) holds
+/// the same history a response would carry.
+///
+/// ```
+/// # fn handle(err: tower_model_fallback::FallbackError) -> u16 {
+/// if err.is_body_too_large() {
+///     413
+/// } else if err.is_invalid_json() {
+///     400
+/// } else {
+///     eprintln!("{err}"); // every attempt, one per line
+///     502
+/// }
+/// # }
+/// ```
+pub struct FallbackError {
+    kind: Kind,
+    report: FallbackReport,
+    source: Option<BoxError>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    BodyTooLarge { limit: usize },
+    BodyUnreadable,
+    InvalidJson { detail: String },
+    Request,
+    Upstream,
+}
+
+impl FallbackError {
+    pub(crate) fn body_too_large(limit: usize) -> Self {
+        Self::new(Kind::BodyTooLarge { limit }, None)
+    }
+
+    pub(crate) fn body_unreadable(source: BoxError) -> Self {
+        Self::new(Kind::BodyUnreadable, Some(source))
+    }
+
+    pub(crate) fn invalid_json(detail: String) -> Self {
+        Self::new(Kind::InvalidJson { detail }, None)
+    }
+
+    pub(crate) fn request(source: BoxError) -> Self {
+        Self::new(Kind::Request, Some(source))
+    }
+
+    pub(crate) fn upstream(source: BoxError, report: FallbackReport) -> Self {
+        FallbackError {
+            kind: Kind::Upstream,
+            report,
+            source: Some(source),
+        }
+    }
+
+    fn new(kind: Kind, source: Option<BoxError>) -> Self {
+        FallbackError {
+            kind,
+            report: FallbackReport::default(),
+            source,
+        }
+    }
+
+    pub(crate) fn with_report(mut self, report: FallbackReport) -> Self {
+        self.report = report;
+        self
+    }
+
+    /// The request body was larger than the layer's `max_body_bytes`; nothing was sent.
+    pub fn is_body_too_large(&self) -> bool {
+        matches!(self.kind, Kind::BodyTooLarge { .. })
+    }
+
+    /// Reading the request body failed; nothing was sent. The body's error is the source.
+    pub fn is_body_unreadable(&self) -> bool {
+        matches!(self.kind, Kind::BodyUnreadable)
+    }
+
+    /// The request declared a JSON content type but its body is not a JSON object; nothing was
+    /// sent.
+    pub fn is_invalid_json(&self) -> bool {
+        matches!(self.kind, Kind::InvalidJson { .. })
+    }
+
+    /// Nothing was sent because the request could not be rebuilt for a target.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(self.kind, Kind::Request)
+    }
+
+    /// Attempts were made and the last one failed without a response (or the inner service
+    /// failed to become ready). The report lists every attempt.
+    pub fn is_upstream(&self) -> bool {
+        matches!(self.kind, Kind::Upstream)
+    }
+
+    /// Whether the last attempt timed out.
+    pub fn is_timeout(&self) -> bool {
+        self.last_kind() == Some(ErrorKind::Timeout)
+    }
+
+    /// Whether the last attempt could not connect.
+    pub fn is_connect(&self) -> bool {
+        self.last_kind() == Some(ErrorKind::Connect)
+    }
+
+    /// Whether nothing at all was sent upstream.
+    pub fn is_nothing_sent(&self) -> bool {
+        self.report.attempts.is_empty()
+    }
+
+    fn last_kind(&self) -> Option<ErrorKind> {
+        match self.report.attempts.last()?.outcome {
+            AttemptOutcome::Error { kind, .. } => Some(kind),
+            AttemptOutcome::Status(_) => None,
+        }
+    }
+
+    /// The history of the request: every attempt made before the error.
+    pub fn report(&self) -> &FallbackReport {
+        &self.report
+    }
+
+    /// Takes the history out.
+    pub fn into_report(self) -> FallbackReport {
+        self.report
+    }
+}
+
+impl fmt::Debug for FallbackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackError")
+            .field("kind", &self.kind)
+            .field("attempts", &self.report.attempts)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl FallbackError {
+    fn with_source(&self, f: &mut fmt::Formatter<'_>, message: &str) -> fmt::Result {
+        f.write_str(message)?;
+        match &self.source {
+            Some(source) => write!(f, ": {source}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for FallbackError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::BodyTooLarge { limit } => write!(
+                f,
+                "request body is larger than the limit of {limit} bytes; nothing was sent"
+            ),
+            Kind::BodyUnreadable => {
+                self.with_source(f, "reading the request body failed; nothing was sent")
+            }
+            Kind::InvalidJson { detail } => write!(
+                f,
+                "request body is not a valid JSON object ({detail}); nothing was sent"
+            ),
+            Kind::Request => self.with_source(f, "the request could not be rebuilt for a target"),
+            Kind::Upstream if self.report.attempts.is_empty() => {
+                self.with_source(f, "the inner service failed before any attempt")
+            }
+            Kind::Upstream => {
+                let n = self.report.attempts.len();
+                write!(
+                    f,
+                    "no response after {n} attempt{}{}:",
+                    if n == 1 { "" } else { "s" },
+                    if self.report.exhausted {
+                        ", every target failed"
+                    } else {
+                        ""
+                    }
+                )?;
+                for (i, a) in self.report.attempts.iter().enumerate() {
+                    write!(f, "\n  {}. {a}", i + 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl StdError for FallbackError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A target or layer that cannot be built; its `Display` names the field and the problem
+/// (`base_url: "api.openai.com/v1" is a relative URL; …`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    field: Cow<'static, str>,
+    problem: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(field: impl Into<Cow<'static, str>>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Prefixes the field with its place, e.g. `targets[1]`.
+    pub fn within(mut self, place: impl fmt::Display) -> Self {
+        self.field = Cow::Owned(format!("{place}.{}", self.field));
+        self
+    }
+
+    /// The field at fault, e.g. `base_url` or `targets[1].base_url`.
+    pub fn field(&self) -> &str {
+        &self.field
+    }
+
+    /// What is wrong with it.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl StdError for ConfigError {}

@@ -1,0 +1,117 @@
+//! [`FallbackLayer`]: the targets, the policy and the limits, shared by every service it builds.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::error::ConfigError;
+use crate::policy::{Classify, DefaultClassifier};
+use crate::service::Fallback;
+use crate::target::Target;
+
+/// The default bound on a buffered request body: 32 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The default bound on the part of an error body read to classify it: 8 KiB.
+pub const DEFAULT_ERROR_BODY_LIMIT: usize = 8 * 1024;
+
+/// A [`Layer`] that wraps an HTTP client service in [`Fallback`]: each request goes to the
+/// first target, and to the next one when the policy says another target could do better.
+///
+/// Cloning is cheap: the configuration is immutable and shared.
+///
+/// ```
+/// use tower_model_fallback::{FallbackLayer, Target};
+///
+/// # fn main() -> Result<(), tower_model_fallback::ConfigError> {
+/// let layer = FallbackLayer::new([
+///     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini").bearer("key-1")?,
+///     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini").bearer("key-2")?,
+/// ])?
+/// .max_body_bytes(4 * 1024 * 1024);
+/// assert_eq!(layer.targets().len(), 2);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct FallbackLayer {
+    shared: Arc<Shared>,
+}
+
+/// The configuration every [`Fallback`] built by one layer shares.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) targets: Arc<[Target]>,
+    /// Header names removed from the caller's request as credentials.
+    pub(crate) credential_names: Arc<[http::HeaderName]>,
+    pub(crate) classifier: Arc<dyn Classify>,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) error_body_limit: usize,
+}
+
+impl FallbackLayer {
+    /// A layer over `targets`, tried in order. At least one target is required.
+    pub fn new(targets: impl IntoIterator<Item = Target>) -> Result<Self, ConfigError> {
+        let targets: Arc<[Target]> = targets.into_iter().collect();
+        if targets.is_empty() {
+            return Err(ConfigError::new(
+                "targets",
+                "at least one target is required",
+            ));
+        }
+        Ok(FallbackLayer {
+            shared: Arc::new(Shared {
+                credential_names: crate::request::credential_names(&targets).into(),
+                targets,
+                classifier: Arc::new(DefaultClassifier::new()),
+                max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+                error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
+            }),
+        })
+    }
+
+    /// The bound on a request body (default [`DEFAULT_MAX_BODY_BYTES`]). A larger body is an
+    /// error ([`FallbackError::is_body_too_large`](crate::FallbackError::is_body_too_large)) and
+    /// nothing is sent.
+    pub fn max_body_bytes(mut self, limit: usize) -> Self {
+        Arc::make_mut(&mut self.shared).max_body_bytes = limit;
+        self
+    }
+
+    /// The bound on the part of an error response body read to classify it (default
+    /// [`DEFAULT_ERROR_BODY_LIMIT`]). Only read for statuses the policy asks for; `0` never reads.
+    pub fn error_body_limit(mut self, limit: usize) -> Self {
+        Arc::make_mut(&mut self.shared).error_body_limit = limit;
+        self
+    }
+
+    /// Replaces the classification policy (default [`DefaultClassifier`]).
+    pub fn classifier(mut self, classifier: impl Classify) -> Self {
+        Arc::make_mut(&mut self.shared).classifier = Arc::new(classifier);
+        self
+    }
+
+    /// The targets, in order.
+    pub fn targets(&self) -> &[Target] {
+        &self.shared.targets
+    }
+}
+
+impl fmt::Debug for FallbackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FallbackLayer")
+            .field("targets", &self.shared.targets)
+            .field("max_body_bytes", &self.shared.max_body_bytes)
+            .field("error_body_limit", &self.shared.error_body_limit)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for FallbackLayer {
+    type Service = Fallback<S>;
+
+    fn layer(&self, inner: S) -> Fallback<S> {
+        Fallback::new(inner, self.shared.clone())
+    }
+}

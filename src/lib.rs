@@ -1,0 +1,136 @@
+//! Model fallback for LLM API clients, as a [tower](https://docs.rs/tower) middleware.
+//!
+//! Apps that call OpenAI-compatible APIs (CometAPI, OpenAI, any gateway that speaks
+//! `/v1/chat/completions`) keep a short ordered list of models and providers. When a call fails
+//! in a way another target could fix (rate limit, overload, 5xx, timeout, connection failure,
+//! "this model does not exist here"), [`FallbackLayer`] re-issues the same request to the next
+//! [`Target`], with that target's model written into the JSON body, its base URL and its own
+//! credential. When the failure is the caller's fault (400, 401, 403, 422, …) it stops at once and
+//! hands the response back: a bad request is fixed, never re-sent to another model.
+//!
+//! # Example
+//!
+//! ```
+//! use bytes::Bytes;
+//! use http::{Request, Response};
+//! use http_body_util::Full;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_model_fallback::{FallbackLayer, FallbackReport, ReplayBody, Target};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let layer = FallbackLayer::new([
+//!     Target::new("https://api.cometapi.com/v1")?.name("cometapi").model("gpt-4o-mini").bearer("key-1")?,
+//!     Target::new("https://api.openai.com/v1")?.name("openai").model("gpt-4o-mini").bearer("key-2")?,
+//! ])?;
+//!
+//! // Any HTTP client service works; here a stand-in whose first provider is overloaded.
+//! let client = tower::service_fn(|req: Request<ReplayBody>| async move {
+//!     let status = if req.uri().host() == Some("api.cometapi.com") { 503 } else { 200 };
+//!     Ok::<_, std::convert::Infallible>(
+//!         Response::builder().status(status).body(Full::new(Bytes::from_static(b"{}"))).unwrap(),
+//!     )
+//! });
+//! let service = ServiceBuilder::new().layer(layer).service(client);
+//!
+//! let request = Request::post("/chat/completions") // relative to each target's base URL
+//!     .header("content-type", "application/json")
+//!     .body(Full::new(Bytes::from_static(br#"{"model":"any","messages":[]}"#)))?;
+//! let response = service.oneshot(request).await?;
+//!
+//! let report = response.extensions().get::<FallbackReport>().unwrap();
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(report.served_by().unwrap().target(), "openai");
+//! assert_eq!(report.attempts().len(), 2);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With a real client, the inner service is `hyper_util::client::legacy::Client` (with an HTTPS
+//! connector such as hyper-rustls); `examples/quickstart.rs` runs one against two local upstreams.
+//!
+//! # What happens to a request
+//!
+//! 1. The body is read once, bounded by [`FallbackLayer::max_body_bytes`] (32 MiB by default).
+//!    Over the bound, an unreadable body, or invalid JSON under a JSON content type: a
+//!    [`FallbackError`] and nothing is sent.
+//! 2. Each attempt goes to the target's base URL followed by the caller's path and query (the
+//!    OpenAI SDK's rule: base `https://api.cometapi.com/v1` + `/chat/completions`). The caller's
+//!    credential headers (`authorization`, `proxy-authorization`, `x-api-key`, `api-key`,
+//!    `x-goog-api-key`), `host`, `content-length` and hop-by-hop headers are removed; the target's
+//!    own credential (marked sensitive) and extra headers are added; everything else, and the
+//!    request extensions, are kept.
+//! 3. The target's model replaces every top-level `"model"` value of a JSON object body (one is
+//!    inserted when there is none). Every other byte is sent as the caller wrote it; nested
+//!    `"model"` keys are never touched; nothing unchanged is copied. Bodies that are not a JSON
+//!    object (empty, other content types, compressed) are sent unchanged and the report says so.
+//! 4. The policy ([`Classify`], default [`DefaultClassifier`]) decides after each attempt:
+//!    [`Decision::Return`] or [`Decision::NextTarget`].
+//! 5. The response is handed back with its body streaming through, and a [`FallbackReport`] in
+//!    its extensions. When every target failed, the last response is handed back untouched; when
+//!    the last failure was an error, the [`FallbackError`] lists every attempt.
+//!
+//! # Default classification
+//!
+//! | outcome | decision |
+//! |---|---|
+//! | 1xx, 2xx, 3xx | return |
+//! | 400, 401, 403, 405, 413, 415, 422 and every 4xx not named below | return at once |
+//! | 404 whose error body says `model_not_found` | next target |
+//! | 408, 409, 429, 500, 502, 503, 504, 520–524, 529, every other 5xx | next target |
+//! | `x-should-retry: false` / `true` on an error status | return / next target |
+//! | inner error: timeout, connect, closed/reset, `Overloaded`, any other | next target |
+//!
+//! Error bodies are read only for the statuses the policy asks for (404 by default), and only up
+//! to [`FallbackLayer::error_body_limit`] (8 KiB); the caller still gets the whole body.
+//!
+//! # Stacking
+//!
+//! The layer is a plain tower citizen: `poll_ready` is the inner service's, every attempt after
+//! the first waits for readiness again, dropping the response future cancels the attempt in
+//! flight, and no task is spawned. Put a per-attempt `TimeoutLayer` inside it (its `Elapsed`
+//! moves to the next target) and a whole-request timeout outside. A tower `RetryLayer` inside it
+//! multiplies attempts: each target is then tried up to the retry policy's count before the
+//! fallback moves on.
+//!
+//! The inner service receives a [`ReplayBody`] (cheap to clone, exact size hint), so inner layers
+//! that need `Request: Clone` work. Its response body must be `Unpin`; hyper's `Incoming`,
+//! axum's `Body` and boxed bodies are.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod body;
+mod error;
+mod future;
+mod json;
+mod layer;
+mod policy;
+mod report;
+mod request;
+mod service;
+mod target;
+
+pub use body::{ReplayBody, ResponseBody};
+pub use error::{BoxError, ConfigError, FallbackError};
+pub use future::ResponseFuture;
+pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
+pub use policy::{
+    classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
+};
+pub use report::{Attempt, AttemptOutcome, FallbackReport};
+pub use service::Fallback;
+pub use target::Target;
+
+#[doc(hidden)]
+pub mod __private {
+    //! Internals exposed for benchmarks, property tests and fuzzing only; not a stable API.
+
+    use bytes::Bytes;
+
+    /// Substitutes the top-level model of a JSON object body, as the layer does for a target
+    /// whose model is `model`: the slices the layer would send.
+    pub fn substitute(body: &Bytes, model: &str) -> Result<Vec<Bytes>, String> {
+        let slots = crate::json::locate(body).map_err(|e| e.to_string())?;
+        Ok(slots.splice(body, &crate::json::ModelLiteral::new(model)))
+    }
+}

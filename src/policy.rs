@@ -1,0 +1,471 @@
+//! Classification: what to do after an attempt, as a value ([`Decision`]) computed from its
+//! [`Outcome`] by a [`Classify`] policy.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+
+use http::{HeaderMap, StatusCode};
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Decision {
+    /// Hand this outcome to the caller: it is a success, or a failure that no other target can
+    /// fix (the request itself is wrong).
+    Return,
+    /// Try the next target with the same request.
+    NextTarget,
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Decision::Return => "return",
+            Decision::NextTarget => "next target",
+        })
+    }
+}
+
+/// What kind of failure an inner service error is, found by walking its `source()` chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A timeout: tower's or tokio's `Elapsed`, hyper's timeout, or an I/O `TimedOut`.
+    Timeout,
+    /// The connection could not be made (refused, DNS, TLS handshake, …).
+    Connect,
+    /// The connection closed, reset or ended before a complete response.
+    Closed,
+    /// A load shedder or limiter refused the request (tower's `Overloaded`).
+    Overloaded,
+    /// Another I/O error.
+    Io,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// Recognises `error` by walking its `source()` chain.
+    ///
+    /// ```
+    /// use tower_model_fallback::ErrorKind;
+    ///
+    /// let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+    /// assert_eq!(ErrorKind::of(&refused), ErrorKind::Connect);
+    /// let elapsed = tower::timeout::error::Elapsed::new();
+    /// assert_eq!(ErrorKind::of(&elapsed), ErrorKind::Timeout);
+    /// ```
+    pub fn of(error: &(dyn StdError + 'static)) -> ErrorKind {
+        let mut found = ErrorKind::Other;
+        let mut next = Some(error);
+        while let Some(e) = next {
+            let kind = Self::one(e);
+            if kind != ErrorKind::Other && kind != ErrorKind::Io {
+                return kind;
+            }
+            if kind == ErrorKind::Io {
+                found = kind;
+            }
+            next = e.source();
+        }
+        found
+    }
+
+    fn one(e: &(dyn StdError + 'static)) -> ErrorKind {
+        if e.is::<tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
+            return ErrorKind::Timeout;
+        }
+        if e.is::<tower::load_shed::error::Overloaded>() {
+            return ErrorKind::Overloaded;
+        }
+        if let Some(err) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+            if err.is_connect() {
+                return ErrorKind::Connect;
+            }
+        }
+        if let Some(err) = e.downcast_ref::<hyper::Error>() {
+            if err.is_timeout() {
+                return ErrorKind::Timeout;
+            }
+            if err.is_closed() || err.is_incomplete_message() || err.is_canceled() {
+                return ErrorKind::Closed;
+            }
+        }
+        if let Some(err) = e.downcast_ref::<io::Error>() {
+            return match err.kind() {
+                io::ErrorKind::TimedOut => ErrorKind::Timeout,
+                io::ErrorKind::ConnectionRefused
+                | io::ErrorKind::NotFound
+                | io::ErrorKind::AddrNotAvailable
+                | io::ErrorKind::HostUnreachable
+                | io::ErrorKind::NetworkUnreachable => ErrorKind::Connect,
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::NotConnected => ErrorKind::Closed,
+                _ => ErrorKind::Io,
+            };
+        }
+        ErrorKind::Other
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Connect => "connect error",
+            ErrorKind::Closed => "connection closed",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Io => "i/o error",
+            ErrorKind::Other => "error",
+        })
+    }
+}
+
+/// The result of one attempt, as a policy sees it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Outcome<'a> {
+    /// The inner service answered with a response head.
+    Response {
+        /// Its status.
+        status: StatusCode,
+        /// Its headers.
+        headers: &'a HeaderMap,
+        /// The start of its body (at most the layer's error-body limit), when the policy asked for
+        /// it with [`Classify::wants_body`].
+        body: Option<&'a [u8]>,
+    },
+    /// The inner service failed without a response.
+    Error {
+        /// What kind of failure it was.
+        kind: ErrorKind,
+        /// The error itself.
+        error: &'a (dyn StdError + 'static),
+    },
+}
+
+/// Decides, after each attempt, whether to hand the outcome back or try the next target.
+///
+/// Implement it for full control, start from [`DefaultClassifier`] with status sets, or wrap a
+/// closure with [`classify_fn`].
+pub trait Classify: Send + Sync + 'static {
+    /// Whether the layer should read the start of the response body (bounded by the layer's
+    /// error-body limit) before calling [`classify`](Classify::classify). Only asked for
+    /// responses whose status is 400 or above; the default asks for 404s, to find
+    /// `model_not_found`.
+    fn wants_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let _ = headers;
+        status == StatusCode::NOT_FOUND
+    }
+
+    /// The decision for one attempt's outcome.
+    fn classify(&self, outcome: &Outcome<'_>) -> Decision;
+}
+
+/// The seed-faithful default: return on success and on the caller's mistakes, move on when
+/// another target could do better.
+///
+/// | outcome | decision |
+/// |---|---|
+/// | 1xx, 2xx, 3xx | return |
+/// | `x-should-retry: false` / `true` on a 4xx or 5xx | return / next target |
+/// | 404 with `model_not_found` in its error body | next target |
+/// | 408, 409, 429, every 5xx | next target |
+/// | every other 4xx (400, 401, 403, 404, 405, 413, 415, 422, …) | return |
+/// | an inner error (timeout, connect, closed, overloaded, …) | next target |
+///
+/// Status sets override the table (and the `x-should-retry` header):
+///
+/// ```
+/// use http::{HeaderMap, StatusCode};
+/// use tower_model_fallback::{Classify, Decision, DefaultClassifier, Outcome};
+///
+/// let policy = DefaultClassifier::new()
+///     .next_target_on([StatusCode::FORBIDDEN])
+///     .return_on([StatusCode::NOT_IMPLEMENTED]);
+/// let headers = HeaderMap::new();
+/// let outcome = |status| Outcome::Response { status, headers: &headers, body: None };
+/// assert_eq!(policy.classify(&outcome(StatusCode::FORBIDDEN)), Decision::NextTarget);
+/// assert_eq!(policy.classify(&outcome(StatusCode::NOT_IMPLEMENTED)), Decision::Return);
+/// assert_eq!(policy.classify(&outcome(StatusCode::UNAUTHORIZED)), Decision::Return);
+/// assert_eq!(policy.classify(&outcome(StatusCode::TOO_MANY_REQUESTS)), Decision::NextTarget);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct DefaultClassifier {
+    next_target_on: Vec<StatusCode>,
+    return_on: Vec<StatusCode>,
+    ignore_should_retry: bool,
+}
+
+impl DefaultClassifier {
+    /// The default table.
+    pub fn new() -> Self {
+        DefaultClassifier::default()
+    }
+
+    /// Moves on to the next target on these statuses, whatever the table says.
+    pub fn next_target_on(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        for s in statuses {
+            self.return_on.retain(|r| *r != s);
+            self.next_target_on.push(s);
+        }
+        self
+    }
+
+    /// Hands these statuses back to the caller, whatever the table says.
+    pub fn return_on(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        for s in statuses {
+            self.next_target_on.retain(|r| *r != s);
+            self.return_on.push(s);
+        }
+        self
+    }
+
+    /// Ignores the `x-should-retry` response header (honoured by default, as the OpenAI SDKs do).
+    pub fn ignore_should_retry(mut self, ignore: bool) -> Self {
+        self.ignore_should_retry = ignore;
+        self
+    }
+
+    fn classify_status(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Decision {
+        if status.as_u16() < 400 {
+            return Decision::Return;
+        }
+        if self.next_target_on.contains(&status) {
+            return Decision::NextTarget;
+        }
+        if self.return_on.contains(&status) {
+            return Decision::Return;
+        }
+        if !self.ignore_should_retry {
+            match headers.get("x-should-retry").map(|v| v.as_bytes()) {
+                Some(b"true") => return Decision::NextTarget,
+                Some(b"false") => return Decision::Return,
+                _ => {}
+            }
+        }
+        match status.as_u16() {
+            404 if body.is_some_and(|b| error_code(b).as_deref() == Some("model_not_found")) => {
+                Decision::NextTarget
+            }
+            408 | 409 | 429 | 500..=599 => Decision::NextTarget,
+            _ => Decision::Return,
+        }
+    }
+}
+
+impl Classify for DefaultClassifier {
+    fn wants_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        status == StatusCode::NOT_FOUND
+            && !self.next_target_on.contains(&status)
+            && !self.return_on.contains(&status)
+            && (self.ignore_should_retry || !headers.contains_key("x-should-retry"))
+    }
+
+    fn classify(&self, outcome: &Outcome<'_>) -> Decision {
+        match *outcome {
+            Outcome::Response {
+                status,
+                headers,
+                body,
+            } => self.classify_status(status, headers, body),
+            Outcome::Error { .. } => Decision::NextTarget,
+        }
+    }
+}
+
+/// The `code` of an OpenAI-shaped error body (`{"error": {"code": …}}`), or its `type` when it has
+/// no code; also accepts a top-level `code`. `None` for anything else.
+///
+/// ```
+/// use tower_model_fallback::error_code;
+///
+/// let body = br#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#;
+/// assert_eq!(error_code(body).as_deref(), Some("model_not_found"));
+/// assert_eq!(error_code(b"not json"), None);
+/// ```
+pub fn error_code(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let field =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|c| c.as_str()).map(str::to_owned);
+    match value.get("error") {
+        Some(err) => field(err, "code").or_else(|| field(err, "type")),
+        None => field(&value, "code"),
+    }
+}
+
+/// A policy from a closure that decides what it knows and leaves the rest to
+/// [`DefaultClassifier`] by returning `None`.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_model_fallback::{classify_fn, Decision, Outcome};
+///
+/// // Also fall back when a provider refuses on content policy (a deliberate choice).
+/// let policy = classify_fn(|outcome: &Outcome<'_>| match outcome {
+///     Outcome::Response { status, body: Some(body), .. }
+///         if *status == StatusCode::BAD_REQUEST
+///             && tower_model_fallback::error_code(body).as_deref() == Some("content_policy_violation") =>
+///     {
+///         Some(Decision::NextTarget)
+///     }
+///     _ => None,
+/// })
+/// .wants_body_for([StatusCode::BAD_REQUEST]);
+/// # let _ = policy;
+/// ```
+pub fn classify_fn<F>(f: F) -> ClassifyFn<F>
+where
+    F: Fn(&Outcome<'_>) -> Option<Decision> + Send + Sync + 'static,
+{
+    ClassifyFn {
+        f,
+        body_for: Vec::new(),
+        default: DefaultClassifier::new(),
+    }
+}
+
+/// A policy made by [`classify_fn`].
+#[derive(Clone)]
+pub struct ClassifyFn<F> {
+    f: F,
+    body_for: Vec<StatusCode>,
+    default: DefaultClassifier,
+}
+
+impl<F> ClassifyFn<F> {
+    /// Also reads the start of the body for these statuses, so the closure sees it.
+    pub fn wants_body_for(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        self.body_for.extend(statuses);
+        self
+    }
+
+    /// The policy consulted when the closure returns `None` (default: [`DefaultClassifier::new`]).
+    pub fn or_else(mut self, default: DefaultClassifier) -> Self {
+        self.default = default;
+        self
+    }
+}
+
+impl<F> fmt::Debug for ClassifyFn<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClassifyFn")
+            .field("body_for", &self.body_for)
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl<F> Classify for ClassifyFn<F>
+where
+    F: Fn(&Outcome<'_>) -> Option<Decision> + Send + Sync + 'static,
+{
+    fn wants_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        self.body_for.contains(&status) || self.default.wants_body(status, headers)
+    }
+
+    fn classify(&self, outcome: &Outcome<'_>) -> Decision {
+        (self.f)(outcome).unwrap_or_else(|| self.default.classify(outcome))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decide(status: u16, headers: &[(&str, &str)], body: Option<&[u8]>) -> Decision {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let status = StatusCode::from_u16(status).unwrap();
+        let policy = DefaultClassifier::new();
+        let body = if policy.wants_body(status, &map) {
+            body
+        } else {
+            None
+        };
+        policy.classify(&Outcome::Response {
+            status,
+            headers: &map,
+            body,
+        })
+    }
+
+    #[test]
+    fn the_default_table() {
+        use Decision::*;
+        for s in [200, 201, 204, 301, 304] {
+            assert_eq!(decide(s, &[], None), Return, "{s}");
+        }
+        for s in [400, 401, 403, 404, 405, 410, 413, 415, 422, 451] {
+            assert_eq!(decide(s, &[], None), Return, "{s}");
+        }
+        for s in [
+            408, 409, 429, 500, 501, 502, 503, 504, 520, 521, 522, 523, 524, 529, 599,
+        ] {
+            assert_eq!(decide(s, &[], None), NextTarget, "{s}");
+        }
+        let not_found = br#"{"error":{"code":"model_not_found","message":"no"}}"#;
+        assert_eq!(decide(404, &[], Some(not_found)), NextTarget);
+        assert_eq!(
+            decide(404, &[], Some(br#"{"error":{"code":"other"}}"#)),
+            Return
+        );
+        assert_eq!(decide(503, &[("x-should-retry", "false")], None), Return);
+        assert_eq!(decide(400, &[("x-should-retry", "true")], None), NextTarget);
+        assert_eq!(decide(200, &[("x-should-retry", "true")], None), Return);
+        assert_eq!(
+            decide(404, &[("x-should-retry", "false")], Some(not_found)),
+            Return
+        );
+    }
+
+    #[test]
+    fn recognises_inner_errors_through_their_sources() {
+        #[derive(Debug)]
+        struct Wrapper(Box<dyn StdError + Send + Sync>);
+        impl fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl StdError for Wrapper {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&*self.0)
+            }
+        }
+        let wrap = |e: Box<dyn StdError + Send + Sync>| Wrapper(e);
+        assert_eq!(
+            ErrorKind::of(&wrap(Box::new(tower::timeout::error::Elapsed::new()))),
+            ErrorKind::Timeout
+        );
+        assert_eq!(
+            ErrorKind::of(&wrap(Box::new(tower::load_shed::error::Overloaded::new()))),
+            ErrorKind::Overloaded
+        );
+        assert_eq!(
+            ErrorKind::of(&wrap(Box::new(io::Error::from(
+                io::ErrorKind::ConnectionReset
+            )))),
+            ErrorKind::Closed
+        );
+        assert_eq!(
+            ErrorKind::of(&wrap(Box::new(io::Error::other("x")))),
+            ErrorKind::Io
+        );
+        assert_eq!(ErrorKind::of(&fmt::Error), ErrorKind::Other);
+    }
+}

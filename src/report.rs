@@ -1,0 +1,172 @@
+//! The history of one request: every attempt, what came of it, and which target served.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::policy::{Decision, ErrorKind};
+
+/// The history of one request, in the extensions of every response the layer hands back (and in
+/// every [`FallbackError`](crate::FallbackError)).
+///
+/// ```
+/// # async fn demo(response: http::Response<()>) {
+/// use tower_model_fallback::FallbackReport;
+///
+/// if let Some(report) = response.extensions().get::<FallbackReport>() {
+///     if let Some(served) = report.served_by() {
+///         println!("answered by {} with {:?}", served.target(), served.model());
+///     }
+///     println!("{report}"); // one line per attempt
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct FallbackReport {
+    pub(crate) attempts: Vec<Attempt>,
+    pub(crate) served: Option<usize>,
+    pub(crate) exhausted: bool,
+    pub(crate) requested_model: Option<Arc<str>>,
+}
+
+impl FallbackReport {
+    /// Every attempt, in order.
+    pub fn attempts(&self) -> &[Attempt] {
+        &self.attempts
+    }
+
+    /// The attempt whose response was handed back, if a response was.
+    pub fn served_by(&self) -> Option<&Attempt> {
+        self.served.and_then(|i| self.attempts.get(i))
+    }
+
+    /// Whether a target other than the first one tried produced the outcome.
+    pub fn fell_back(&self) -> bool {
+        self.attempts.len() > 1
+    }
+
+    /// Whether every target was tried and failed; the response (or error) is the last failure.
+    pub fn is_exhausted(&self) -> bool {
+        self.exhausted
+    }
+
+    /// The model the caller's body asked for (its top-level `"model"` string), if any.
+    pub fn requested_model(&self) -> Option<&str> {
+        self.requested_model.as_deref()
+    }
+
+    pub(crate) fn push(&mut self, attempt: Attempt) {
+        self.attempts.push(attempt);
+    }
+}
+
+impl fmt::Display for FallbackReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, a) in self.attempts.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{}. {a}", i + 1)?;
+        }
+        Ok(())
+    }
+}
+
+/// One attempt: which target, which model, what happened, how long it took, what was decided.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub(crate) target: Arc<str>,
+    pub(crate) target_index: usize,
+    pub(crate) model: Option<Arc<str>>,
+    pub(crate) substituted: bool,
+    pub(crate) outcome: AttemptOutcome,
+    pub(crate) elapsed: Duration,
+    pub(crate) decision: Decision,
+}
+
+impl Attempt {
+    /// The target's name.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The target's position in the layer's list (0 is the primary).
+    pub fn target_index(&self) -> usize {
+        self.target_index
+    }
+
+    /// The model this attempt asked for: the target's model, or the caller's when the target
+    /// sets none or the body could not carry one.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the target's model was written into the body. `false` for bodies that are not a
+    /// JSON object (empty, not JSON, compressed) and for targets without a model.
+    pub fn model_substituted(&self) -> bool {
+        self.substituted
+    }
+
+    /// What happened.
+    pub fn outcome(&self) -> &AttemptOutcome {
+        &self.outcome
+    }
+
+    /// The response status, when there was a response.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self.outcome {
+            AttemptOutcome::Status(s) => Some(s),
+            AttemptOutcome::Error { .. } => None,
+        }
+    }
+
+    /// From the call to the inner service until the decision.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// What the policy decided.
+    pub fn decision(&self) -> Decision {
+        self.decision
+    }
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.target)?;
+        if let Some(model) = &self.model {
+            write!(f, " ({model})")?;
+        }
+        write!(
+            f,
+            ": {} after {:.1?}, {}",
+            self.outcome, self.elapsed, self.decision
+        )
+    }
+}
+
+/// What an attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AttemptOutcome {
+    /// A response with this status.
+    Status(StatusCode),
+    /// No response: the inner service failed.
+    Error {
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// The error's message (its `Display` and its sources').
+        message: String,
+    },
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttemptOutcome::Status(s) => write!(f, "{s}"),
+            AttemptOutcome::Error { kind, message } => write!(f, "{kind} ({message})"),
+        }
+    }
+}

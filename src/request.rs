@@ -1,0 +1,363 @@
+//! The caller's request, prepared once (headers cleaned, body located), and each attempt's request
+//! built from it for one target.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, Extensions, Method, Request};
+
+use crate::body::ReplayBody;
+use crate::error::FallbackError;
+use crate::json::{self, ModelSlots};
+use crate::target::Target;
+
+/// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
+pub(crate) const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1), plus the ones rewritten per attempt.
+const DROPPED_HEADERS: [HeaderName; 11] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+    header::HOST,
+    header::CONTENT_LENGTH,
+];
+
+pub(crate) fn is_credential(name: &HeaderName) -> bool {
+    CREDENTIAL_HEADERS.contains(&name.as_str()) || *name == header::PROXY_AUTHORIZATION
+}
+
+/// The credential header names for a set of targets: the well-known ones and every header a
+/// target sends its own key in, so a caller's value for any of them reaches no other target.
+pub(crate) fn credential_names(targets: &[Target]) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = CREDENTIAL_HEADERS
+        .iter()
+        .map(|n| HeaderName::from_static(n))
+        .collect();
+    for (name, _) in targets.iter().flat_map(|t| t.credentials.iter()) {
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+    names
+}
+
+/// The caller's request, read and cleaned once; every attempt is built from it.
+pub(crate) struct Prepared {
+    method: Method,
+    path_and_query: Box<str>,
+    headers: HeaderMap,
+    caller_credentials: Vec<(HeaderName, HeaderValue)>,
+    extensions: Extensions,
+    body: Bytes,
+    slots: Option<ModelSlots>,
+    send_content_length: bool,
+    pub(crate) requested_model: Option<Arc<str>>,
+}
+
+/// What one attempt asks for.
+pub(crate) struct AttemptPlan {
+    pub(crate) request: Request<ReplayBody>,
+    pub(crate) model: Option<Arc<str>>,
+    pub(crate) substituted: bool,
+}
+
+impl Prepared {
+    /// Cleans the head and locates the model in the body. Invalid JSON under a JSON content type
+    /// is an error; other bodies are sent unchanged.
+    /// `credentials` are the header names treated as credentials: the well-known ones and every
+    /// name a target sends its own key in.
+    pub(crate) fn new(
+        parts: request::Parts,
+        body: Bytes,
+        credentials: &[HeaderName],
+    ) -> Result<Self, FallbackError> {
+        let request::Parts {
+            method,
+            uri,
+            mut headers,
+            extensions,
+            ..
+        } = parts;
+        let send_content_length = !body.is_empty()
+            || headers.contains_key(header::CONTENT_LENGTH)
+            || matches!(method, Method::POST | Method::PUT | Method::PATCH);
+        let slots = locate_model(&headers, &body)?;
+        let requested_model = slots
+            .as_ref()
+            .and_then(|s| json::requested_model(&body, s))
+            .map(Arc::from);
+
+        // Headers named by `connection` are hop-by-hop too.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named.iter().chain(DROPPED_HEADERS.iter()) {
+            headers.remove(name);
+        }
+        let mut caller_credentials = Vec::new();
+        for name in credentials {
+            for value in headers.get_all(name) {
+                caller_credentials.push((name.clone(), value.clone()));
+            }
+            headers.remove(name);
+        }
+        let path_and_query = uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .to_owned()
+            .into_boxed_str();
+        Ok(Prepared {
+            method,
+            path_and_query,
+            headers,
+            caller_credentials,
+            extensions,
+            body,
+            slots,
+            send_content_length,
+            requested_model,
+        })
+    }
+
+    /// The request for `target`: its URI, its credential, its model in the body.
+    pub(crate) fn attempt(&self, target: &Target) -> Result<AttemptPlan, FallbackError> {
+        let uri = target
+            .uri_for(&self.path_and_query)
+            .map_err(|e| FallbackError::request(e.into()))?;
+        let (segments, model, substituted) = match (&self.slots, &target.model) {
+            (Some(slots), Some(model)) => (
+                slots.splice(&self.body, &model.literal),
+                Some(model.id.clone()),
+                true,
+            ),
+            _ => (
+                if self.body.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![self.body.clone()]
+                },
+                self.requested_model.clone(),
+                false,
+            ),
+        };
+        let body = ReplayBody::from_segments(segments);
+
+        let mut headers = self.headers.clone();
+        if target.forward_caller_credentials {
+            for (name, value) in &self.caller_credentials {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        for (name, value) in target.credentials.iter().chain(target.headers.iter()) {
+            headers.insert(name.clone(), value.clone());
+        }
+        headers.insert(header::HOST, target.host.clone());
+        if self.send_content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        *request.extensions_mut() = self.extensions.clone();
+        Ok(AttemptPlan {
+            request,
+            model,
+            substituted,
+        })
+    }
+}
+
+/// Where the model goes, or `None` when the body is sent as it is.
+fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<Option<ModelSlots>, FallbackError> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Ok(None);
+    }
+    match content_type_is_json(headers) {
+        Some(true) => json::locate(body)
+            .map(Some)
+            .map_err(|e| FallbackError::invalid_json(e.to_string())),
+        // No content type: substitute when the body is a JSON object, else send it unchanged.
+        None => Ok(json::locate(body).ok()),
+        Some(false) => Ok(None),
+    }
+}
+
+/// `Some(true)` for `application/json` and `*/*+json`, `Some(false)` for other types, `None`
+/// when there is no content type.
+fn content_type_is_json(headers: &HeaderMap) -> Option<bool> {
+    let value = headers.get(header::CONTENT_TYPE)?;
+    let Ok(value) = value.to_str() else {
+        return Some(false);
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    Some(essence == "application/json" || essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare(req: Request<&'static str>) -> Result<Prepared, FallbackError> {
+        let (parts, body) = req.into_parts();
+        let targets = [Target::new("http://custom.example")
+            .unwrap()
+            .api_key_header("x-custom-key", "k")
+            .unwrap()];
+        Prepared::new(
+            parts,
+            Bytes::from_static(body.as_bytes()),
+            &credential_names(&targets),
+        )
+    }
+
+    #[test]
+    fn json_content_types() {
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            content_type_is_json(&h)
+        };
+        assert_eq!(ct("application/json"), Some(true));
+        assert_eq!(ct("Application/JSON; charset=utf-8"), Some(true));
+        assert_eq!(ct("application/merge-patch+json"), Some(true));
+        assert_eq!(ct("text/plain"), Some(false));
+        assert_eq!(content_type_is_json(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_credential_headers_are_removed() {
+        let req = Request::post("http://gateway.local/chat/completions?x=1")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer caller")
+            .header("x-api-key", "caller2")
+            .header("x-custom-key", "caller3")
+            .header("proxy-authorization", "Basic x")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("te", "trailers")
+            .header("host", "gateway.local")
+            .header("content-length", "17")
+            .header("x-keep", "yes")
+            .body(r#"{"model":"a"}"#)
+            .unwrap();
+        let p = prepare(req).unwrap();
+        let target = Target::new("https://up.example/v1")
+            .unwrap()
+            .model("b")
+            .bearer("target-key")
+            .unwrap();
+        let plan = p.attempt(&target).unwrap();
+        let h = plan.request.headers();
+        assert_eq!(
+            plan.request.uri(),
+            "https://up.example/v1/chat/completions?x=1"
+        );
+        assert_eq!(h["authorization"], "Bearer target-key");
+        assert!(h["authorization"].is_sensitive());
+        assert_eq!(h["host"], "up.example");
+        assert_eq!(h["content-length"], "13");
+        assert_eq!(h["x-keep"], "yes");
+        for gone in [
+            "x-api-key",
+            "proxy-authorization",
+            "connection",
+            "x-hop",
+            "te",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(plan.model.as_deref(), Some("b"));
+        assert!(plan.substituted);
+    }
+
+    #[test]
+    fn a_target_may_opt_in_to_the_callers_credential() {
+        let req = Request::post("/v1/x")
+            .header("authorization", "Bearer caller")
+            .body("")
+            .unwrap();
+        let p = prepare(req).unwrap();
+        let pass = Target::new("http://a.example")
+            .unwrap()
+            .forward_caller_credentials(true);
+        let plan = p.attempt(&pass).unwrap();
+        assert_eq!(plan.request.headers()["authorization"], "Bearer caller");
+        assert_eq!(plan.request.headers()["content-length"], "0");
+        let own = pass.bearer("mine").unwrap();
+        let plan = p.attempt(&own).unwrap();
+        assert_eq!(plan.request.headers()["authorization"], "Bearer mine");
+        assert_eq!(
+            plan.request
+                .headers()
+                .get_all("authorization")
+                .iter()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_objects_are_sent_unchanged() {
+        let target = Target::new("http://a.example").unwrap().model("b");
+        for req in [
+            Request::post("/x").body(r#"[1]"#).unwrap(),
+            Request::post("/x")
+                .header("content-type", "text/plain")
+                .body(r#"{"model":"a"}"#)
+                .unwrap(),
+            Request::post("/x")
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body("\u{1f}binary")
+                .unwrap(),
+            Request::get("/x").body("").unwrap(),
+        ] {
+            let p = prepare(req).unwrap();
+            let plan = p.attempt(&target).unwrap();
+            assert!(!plan.substituted);
+        }
+        let get = prepare(Request::get("/models").body("").unwrap()).unwrap();
+        let plan = get.attempt(&target).unwrap();
+        assert!(!plan.request.headers().contains_key("content-length"));
+    }
+
+    #[test]
+    fn invalid_json_under_a_json_content_type_is_an_error() {
+        for body in ["{", "[1,2]", "{\"model\":}"] {
+            let req = Request::post("/x")
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap();
+            assert!(
+                prepare(req).err().is_some_and(|e| e.is_invalid_json()),
+                "{body}"
+            );
+        }
+    }
+}

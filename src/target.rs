@@ -1,0 +1,332 @@
+//! Targets: where an attempt goes (base URL), which model it asks for, and with whose key.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+
+use crate::error::ConfigError;
+use crate::json::ModelLiteral;
+
+/// One place a request can be sent: a base URL, optionally a model ID written into the body, a
+/// credential that belongs to this target alone, extra headers and a display name.
+///
+/// The request path the caller sends is appended to the base URL, as the OpenAI SDKs do: with the
+/// base `https://api.cometapi.com/v1`, a caller's `/chat/completions?x=1` goes to
+/// `https://api.cometapi.com/v1/chat/completions?x=1`.
+///
+/// `Debug` and the [`FallbackReport`](crate::FallbackReport) show the credential's header name,
+/// never its value.
+///
+/// ```
+/// use tower_model_fallback::Target;
+///
+/// # fn main() -> Result<(), tower_model_fallback::ConfigError> {
+/// let primary = Target::new("https://api.cometapi.com/v1")?
+///     .name("cometapi")
+///     .model("gpt-4o-mini")
+///     .bearer("sk-secret")?;
+/// assert_eq!(primary.get_name(), "cometapi");
+/// assert!(!format!("{primary:?}").contains("sk-secret"));
+///
+/// assert!(Target::new("api.openai.com/v1").is_err()); // no scheme: an error now, not at request time
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Target {
+    pub(crate) name: Arc<str>,
+    pub(crate) scheme: Scheme,
+    pub(crate) authority: Authority,
+    pub(crate) host: HeaderValue,
+    /// The base path without its trailing slash (empty for the root).
+    pub(crate) base_path: Arc<str>,
+    pub(crate) model: Option<TargetModel>,
+    pub(crate) credentials: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) forward_caller_credentials: bool,
+}
+
+/// A model ID and its pre-escaped JSON forms.
+#[derive(Clone)]
+pub(crate) struct TargetModel {
+    pub(crate) id: Arc<str>,
+    pub(crate) literal: ModelLiteral,
+}
+
+impl Target {
+    /// A target at `base_url`, an absolute `http` or `https` URL with an optional path (no query,
+    /// fragment or user info). Its name defaults to the URL's host.
+    pub fn new(base_url: impl AsRef<str>) -> Result<Target, ConfigError> {
+        let raw = base_url.as_ref();
+        let field = "base_url";
+        if !raw.contains("://") {
+            return Err(ConfigError::new(
+                field,
+                format!("{raw:?} is a relative URL; give scheme and host, e.g. https://api.openai.com/v1"),
+            ));
+        }
+        let uri: Uri = raw
+            .parse()
+            .map_err(|e| ConfigError::new(field, format!("{raw:?} is not a valid URL: {e}")))?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            Some(s) => {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{raw:?}: scheme {s} is not http or https"),
+                ))
+            }
+            None => {
+                return Err(ConfigError::new(
+                    field,
+                    format!("{raw:?} is a relative URL; give scheme and host, e.g. https://api.openai.com/v1"),
+                ))
+            }
+        };
+        let authority = match uri.authority() {
+            Some(a) if a.as_str().contains('@') => {
+                return Err(ConfigError::new(
+                    field,
+                    "user info in the URL is not allowed; give the credential with bearer() or api_key_header()",
+                ))
+            }
+            Some(a) if a.host().is_empty() => {
+                return Err(ConfigError::new(field, format!("{raw:?} has no host")))
+            }
+            Some(a) => a.clone(),
+            None => return Err(ConfigError::new(field, format!("{raw:?} has no host"))),
+        };
+        if uri.query().is_some() {
+            return Err(ConfigError::new(
+                field,
+                format!("{raw:?} has a query; the caller's query is appended to the base URL"),
+            ));
+        }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| ConfigError::new(field, format!("{raw:?} has an invalid host")))?;
+        let base_path = uri.path().trim_end_matches('/');
+        Ok(Target {
+            name: Arc::from(authority.host()),
+            scheme,
+            authority,
+            host,
+            base_path: Arc::from(base_path),
+            model: None,
+            credentials: Vec::new(),
+            headers: Vec::new(),
+            forward_caller_credentials: false,
+        })
+    }
+
+    /// The name shown in reports, errors and logs (default: the base URL's host).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Arc::from(name.into());
+        self
+    }
+
+    /// The model ID written into the request body's top-level `"model"` member for this target.
+    /// Without it, the caller's model is sent unchanged.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        let id: String = model.into();
+        self.model = Some(TargetModel {
+            literal: ModelLiteral::new(&id),
+            id: Arc::from(id),
+        });
+        self
+    }
+
+    /// Sends `authorization: Bearer <key>` to this target (marked sensitive).
+    pub fn bearer(self, key: impl AsRef<str>) -> Result<Self, ConfigError> {
+        let value = format!("Bearer {}", key.as_ref());
+        self.credential_header(AUTHORIZATION, &value, "bearer")
+    }
+
+    /// Sends the key in a header of its own, such as `x-api-key` or Azure's `api-key` (marked
+    /// sensitive and removed from the caller's request like every credential).
+    pub fn api_key_header(
+        self,
+        name: impl AsRef<str>,
+        key: impl AsRef<str>,
+    ) -> Result<Self, ConfigError> {
+        let name = parse_name(name.as_ref(), "api_key_header")?;
+        self.credential_header(name, key.as_ref(), "api_key_header")
+    }
+
+    fn credential_header(
+        mut self,
+        name: HeaderName,
+        value: &str,
+        field: &'static str,
+    ) -> Result<Self, ConfigError> {
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            ConfigError::new(
+                field,
+                "the credential contains a character not allowed in an HTTP header (a trailing newline?)",
+            )
+        })?;
+        value.set_sensitive(true);
+        self.credentials.retain(|(n, _)| *n != name);
+        self.credentials.push((name, value));
+        Ok(self)
+    }
+
+    /// Adds a header sent to this target only (for example `openai-organization`). Setting the
+    /// same name twice keeps the last value.
+    pub fn header(
+        mut self,
+        name: impl AsRef<str>,
+        value: impl AsRef<str>,
+    ) -> Result<Self, ConfigError> {
+        let name = parse_name(name.as_ref(), "header")?;
+        if crate::request::is_credential(&name) {
+            return Err(ConfigError::new(
+                "header",
+                format!("{name} carries a credential; use bearer() or api_key_header()"),
+            ));
+        }
+        let value = HeaderValue::from_str(value.as_ref()).map_err(|_| {
+            ConfigError::new(
+                "header",
+                format!("the value of {name} contains a character not allowed in an HTTP header"),
+            )
+        })?;
+        self.headers.retain(|(n, _)| *n != name);
+        self.headers.push((name, value));
+        Ok(self)
+    }
+
+    /// Lets the caller's own credential headers (`authorization`, `x-api-key`, …) through to this
+    /// target. Off by default: a caller's key reaches no target unless that target opts in. A
+    /// credential set on the target replaces the caller's header of the same name.
+    pub fn forward_caller_credentials(mut self, forward: bool) -> Self {
+        self.forward_caller_credentials = forward;
+        self
+    }
+
+    /// The display name.
+    pub fn get_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model ID this target substitutes, if any.
+    pub fn get_model(&self) -> Option<&str> {
+        self.model.as_ref().map(|m| &*m.id)
+    }
+
+    /// The base URL (scheme, authority and path, without a trailing slash).
+    pub fn base_url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+
+    /// The URI of an attempt: the base URL followed by the caller's path and query.
+    pub(crate) fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+        let joined = if self.base_path.is_empty() {
+            Bytes::copy_from_slice(path_and_query.as_bytes())
+        } else {
+            let mut s = String::with_capacity(self.base_path.len() + path_and_query.len());
+            s.push_str(&self.base_path);
+            s.push_str(path_and_query);
+            Bytes::from(s)
+        };
+        let pq = PathAndQuery::from_maybe_shared(joined)?;
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+}
+
+fn parse_name(name: &str, field: &'static str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| ConfigError::new(field, format!("{name:?} is not a valid header name")))
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let credentials: Vec<String> = self
+            .credentials
+            .iter()
+            .map(|(n, _)| format!("{n}: [redacted]"))
+            .collect();
+        f.debug_struct("Target")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url())
+            .field("model", &self.get_model())
+            .field("credentials", &credentials)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .field(
+                "forward_caller_credentials",
+                &self.forward_caller_credentials,
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_the_base_path_and_the_callers_path_like_the_openai_sdk() {
+        let t = Target::new("https://api.cometapi.com/v1/").unwrap();
+        assert_eq!(
+            t.uri_for("/chat/completions?a=1").unwrap(),
+            "https://api.cometapi.com/v1/chat/completions?a=1"
+        );
+        let root = Target::new("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            root.uri_for("/v1/models").unwrap(),
+            "http://127.0.0.1:8080/v1/models"
+        );
+        assert_eq!(root.get_name(), "127.0.0.1");
+        assert_eq!(root.host, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn rejects_bad_base_urls_with_the_reason() {
+        for (url, needle) in [
+            ("api.openai.com/v1", "relative URL"),
+            ("/v1", "relative URL"),
+            ("ftp://example.com", "not http or https"),
+            ("https://user:pw@example.com", "user info"),
+            ("https://example.com/v1?key=1", "has a query"),
+            ("http://exa mple.com", "not a valid URL"),
+            ("", "relative URL"),
+            ("https://", "not a valid URL"),
+        ] {
+            let err = Target::new(url).unwrap_err();
+            assert_eq!(err.field(), "base_url");
+            assert!(err.to_string().contains(needle), "{url}: {err}");
+            assert!(!err.to_string().contains("pw@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_sensitive_and_never_printed() {
+        let t = Target::new("https://a.example/v1")
+            .unwrap()
+            .bearer("sk-top-secret")
+            .unwrap()
+            .api_key_header("x-api-key", "other-secret")
+            .unwrap();
+        assert!(t.credentials.iter().all(|(_, v)| v.is_sensitive()));
+        let debug = format!("{t:?}");
+        assert!(!debug.contains("secret"), "{debug}");
+        let err = Target::new("https://a.example")
+            .unwrap()
+            .bearer("sk-abc\n")
+            .unwrap_err();
+        assert!(!err.to_string().contains("sk-abc"), "{err}");
+        assert!(Target::new("https://a.example")
+            .unwrap()
+            .header("authorization", "x")
+            .is_err());
+    }
+}

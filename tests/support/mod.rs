@@ -1,0 +1,288 @@
+//! Test upstreams on 127.0.0.1: hyper servers that record what they receive and answer from a
+//! closure, plus a client stack wrapped in the layer.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tower_model_fallback::{Fallback, FallbackLayer, ReplayBody};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ServerBody = BoxBody<Bytes, BoxError>;
+type Handler =
+    Arc<dyn Fn(Seen) -> Pin<Box<dyn Future<Output = Response<ServerBody>> + Send>> + Send + Sync>;
+
+/// One request as an upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("the upstream received JSON")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// A hyper HTTP/1 server on 127.0.0.1 that records every request.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    pub opened: Arc<AtomicUsize>,
+    pub closed: Arc<AtomicUsize>,
+    pub closed_notify: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// An upstream answering every request with `handler`.
+    pub async fn start<F, Fut>(handler: F) -> Upstream
+    where
+        F: Fn(Seen) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<ServerBody>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |seen| Box::pin(handler(seen)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let opened = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let closed_notify = Arc::new(Notify::new());
+        let (s, o, c, n) = (
+            seen.clone(),
+            opened.clone(),
+            closed.clone(),
+            closed_notify.clone(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                o.fetch_add(1, Ordering::SeqCst);
+                let (s, c, n, handler) = (s.clone(), c.clone(), n.clone(), handler.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (s, handler) = (s.clone(), handler.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let seen = Seen {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            };
+                            s.lock().unwrap().push(seen.clone());
+                            Ok::<_, Infallible>(handler(seen).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                    c.fetch_add(1, Ordering::SeqCst);
+                    n.notify_waiters();
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            opened,
+            closed,
+            closed_notify,
+            task,
+        }
+    }
+
+    /// An upstream answering every request with `status` and `body`.
+    pub async fn fixed(status: u16, body: &'static str) -> Upstream {
+        Upstream::start(move |_| async move { reply(status, body) }).await
+    }
+
+    /// An upstream answering like a chat completion endpoint, echoing the model it was asked for.
+    pub async fn chat(answer: &'static str) -> Upstream {
+        Upstream::start(move |seen| async move {
+            let model = serde_json::from_slice::<serde_json::Value>(&seen.body)
+                .ok()
+                .and_then(|v| v.get("model").and_then(|m| m.as_str()).map(str::to_owned))
+                .unwrap_or_default();
+            let body = serde_json::json!({
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            });
+            reply_owned(200, body.to_string())
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn url_with(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until at least `n` connections have closed.
+    pub async fn wait_closed(&self, n: usize) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.closed.load(Ordering::SeqCst) < n {
+            let notified = self.closed_notify.notified();
+            if self.closed.load(Ordering::SeqCst) >= n {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+pub fn reply(status: u16, body: &'static str) -> Response<ServerBody> {
+    reply_owned(status, body.to_owned())
+}
+
+pub fn reply_owned(status: u16, body: String) -> Response<ServerBody> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap())
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|e: Infallible| match e {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+/// An address where nothing listens: connecting is refused.
+pub async fn refused_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
+
+/// A server that accepts, reads the request head, and closes the connection without answering.
+pub async fn hang_up_server() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+            drop(stream);
+        }
+    });
+    (addr, count, task)
+}
+
+pub type HttpClient = Client<HttpConnector, ReplayBody>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// The layer around a plain hyper-util client.
+pub fn stack(layer: &FallbackLayer) -> Fallback<HttpClient> {
+    tower::Layer::layer(layer, client())
+}
+
+/// A chat completion request body as the OpenAI SDK sends it.
+pub const CHAT: &str = r#"{"model":"caller-model","messages":[{"role":"user","content":"Hi"}]}"#;
+
+pub fn chat_request(body: &'static str) -> Request<Full<Bytes>> {
+    Request::post("/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+pub async fn body_string<B>(body: B) -> String
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    String::from_utf8(body.collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+/// A response body fed by a channel: each `Bytes` sent is one frame; dropping the sender ends it.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// A streamed response and the sender that feeds it.
+pub fn streamed(
+    status: u16,
+) -> (
+    Response<ServerBody>,
+    tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "text/event-stream")
+        .body(ChannelBody(rx).boxed())
+        .unwrap();
+    (response, tx)
+}

@@ -1,0 +1,195 @@
+//! Contract 6: readiness before every attempt, clone-and-swap, cancellation on drop, and the
+//! answer's body streamed through rather than buffered.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::sync::Notify;
+use tokio_test::{assert_pending, assert_ready};
+use tower::{Layer, Service, ServiceExt};
+use tower_model_fallback::{FallbackLayer, FallbackReport, ReplayBody, Target};
+
+fn two_in_process_targets() -> FallbackLayer {
+    FallbackLayer::new([
+        Target::new("http://primary.test/v1").unwrap().model("a"),
+        Target::new("http://fallback.test/v1").unwrap().model("b"),
+    ])
+    .unwrap()
+}
+
+#[tokio::test]
+async fn every_attempt_after_the_first_waits_for_inner_readiness_again() {
+    let (mock, mut handle) = tower_test::mock::pair::<Request<ReplayBody>, Response<Full<Bytes>>>();
+    let mut svc = two_in_process_targets().layer(mock);
+    handle.allow(1);
+    assert!(ServiceExt::<Request<Full<Bytes>>>::ready(&mut svc)
+        .await
+        .is_ok());
+    let mut fut = tokio_test::task::spawn(svc.call(chat_request(CHAT)));
+    assert_pending!(fut.poll());
+
+    let (first, send) = handle.next_request().await.unwrap();
+    assert_eq!(first.uri().host(), Some("primary.test"));
+    send.send_response(
+        Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    );
+
+    // The fallback is not called while the inner service is not ready.
+    assert_pending!(fut.poll());
+    assert!(handle.poll_request().is_pending());
+    handle.allow(1);
+    assert!(fut.is_woken(), "readiness wakes the attempt loop");
+    assert_pending!(fut.poll());
+    let (second, send) = handle.next_request().await.unwrap();
+    assert_eq!(second.uri().host(), Some("fallback.test"));
+    let body = second.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &body[..],
+        br#"{"model":"b","messages":[{"role":"user","content":"Hi"}]}"#
+    );
+    send.send_response(Response::new(Full::new(Bytes::from_static(b"ok"))));
+    let response = assert_ready!(fut.poll()).unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// A service that refuses a call on an instance that was not polled ready (clones start unready).
+struct Strict {
+    ready: bool,
+    polls: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Clone for Strict {
+    fn clone(&self) -> Self {
+        Strict {
+            ready: false,
+            polls: self.polls.clone(),
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl Service<Request<ReplayBody>> for Strict {
+    type Response = Response<Full<Bytes>>;
+    type Error = tower::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.ready = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        if !std::mem::replace(&mut self.ready, false) {
+            return std::future::ready(Err("called without poll_ready".into()));
+        }
+        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        let status = if req.uri().host() == Some("primary.test") {
+            503
+        } else {
+            200
+        };
+        let _ = n;
+        std::future::ready(Ok(Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::new()))
+            .unwrap()))
+    }
+}
+
+#[tokio::test]
+async fn the_service_polled_ready_is_the_one_called_and_it_is_polled_again_before_the_fallback() {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = Strict {
+        ready: false,
+        polls: polls.clone(),
+        calls: calls.clone(),
+    };
+    let svc = two_in_process_targets().layer(inner);
+    let response = svc.oneshot(chat_request(CHAT)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(polls.load(Ordering::SeqCst), 2, "one readiness per attempt");
+    let report = response.extensions().get::<FallbackReport>().unwrap();
+    assert_eq!(report.attempts().len(), 2);
+}
+
+#[tokio::test]
+async fn dropping_the_response_future_closes_the_upstream_connection() {
+    let received = Arc::new(Notify::new());
+    let r = received.clone();
+    let up = Upstream::start(move |_| {
+        let r = r.clone();
+        async move {
+            r.notify_one();
+            std::future::pending::<()>().await;
+            reply(200, "{}")
+        }
+    })
+    .await;
+    let layer = FallbackLayer::new([Target::new(up.url()).unwrap()]).unwrap();
+    let task = tokio::spawn(stack(&layer).oneshot(chat_request(CHAT)));
+    tokio::time::timeout(Duration::from_secs(5), received.notified())
+        .await
+        .expect("the upstream got the request");
+    assert_eq!(up.closed.load(Ordering::SeqCst), 0);
+    task.abort();
+    assert!(
+        up.wait_closed(1).await,
+        "the upstream saw the connection close"
+    );
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test]
+async fn a_successful_body_reaches_the_caller_chunk_by_chunk() {
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
+    let up = Upstream::start(move |_| {
+        let go_rx = go_rx.clone();
+        async move {
+            let (response, tx) = streamed(200);
+            tokio::spawn(async move {
+                tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
+                    .await
+                    .unwrap();
+                if let Some(go) = go_rx.lock().await.take() {
+                    let _ = go.await;
+                }
+                tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
+                    .await
+                    .unwrap();
+            });
+            response
+        }
+    })
+    .await;
+    let layer = FallbackLayer::new([Target::new(up.url()).unwrap()]).unwrap();
+    let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first chunk in time");
+    assert_eq!(
+        first.unwrap().unwrap().into_data().unwrap(),
+        Bytes::from_static(b"data: {\"n\":1}\n\n")
+    );
+    assert!(!body.is_end_stream());
+    go_tx.send(()).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"data: [DONE]\n\n");
+}
