@@ -5,11 +5,13 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+
+use crate::error::BoxError;
 
 /// The request body the inner service receives: slices of the caller's one buffered body (with
 /// the target's model spliced in), replayed without copying.
@@ -181,36 +183,36 @@ impl Collector {
 
 pin_project_lite::pin_project! {
     /// The response body handed to the caller: the inner response's body, streamed through
-    /// unchanged, preceded by any frames the layer had to read to classify the response.
+    /// unchanged, preceded by the frames the layer read before deciding (an error body's start,
+    /// or a success's first chunk).
+    ///
+    /// Its error type is [`BoxError`]: the inner body's error, boxed (downcast it to reach the
+    /// original). An upstream failure after the answer started is such an error, never a clean,
+    /// truncated end, and it is recorded in the [`FallbackReport`](crate::FallbackReport)
+    /// ([`stream_error`](crate::FallbackReport::stream_error)).
     pub struct ResponseBody<B: Body> {
         buffered: VecDeque<Frame<B::Data>>,
-        error: Option<B::Error>,
+        error: Option<BoxError>,
         inner_done: bool,
+        record: Arc<OnceLock<String>>,
         #[pin]
         inner: B,
     }
 }
 
 impl<B: Body> ResponseBody<B> {
-    pub(crate) fn new(inner: B) -> Self {
-        ResponseBody {
-            buffered: VecDeque::new(),
-            error: None,
-            inner_done: false,
-            inner,
-        }
-    }
-
     pub(crate) fn with_buffered(
         inner: B,
         buffered: VecDeque<Frame<B::Data>>,
-        error: Option<B::Error>,
+        error: Option<BoxError>,
         inner_done: bool,
+        record: Arc<OnceLock<String>>,
     ) -> Self {
         ResponseBody {
             buffered,
             inner_done: inner_done || error.is_some(),
             error,
+            record,
             inner,
         }
     }
@@ -230,25 +232,45 @@ impl<B: Body + fmt::Debug> fmt::Debug for ResponseBody<B> {
     }
 }
 
-impl<B: Body> Body for ResponseBody<B> {
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
     type Data = B::Data;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = self.project();
         if let Some(frame) = this.buffered.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
-        if let Some(error) = this.error.take() {
-            return Poll::Ready(Some(Err(error)));
-        }
-        if *this.inner_done {
-            return Poll::Ready(None);
-        }
-        this.inner.poll_frame(cx)
+        let error = match this.error.take() {
+            Some(error) => error,
+            None if *this.inner_done => return Poll::Ready(None),
+            None => match ready!(this.inner.poll_frame(cx)) {
+                Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Some(Err(error)) => {
+                    *this.inner_done = true;
+                    error.into()
+                }
+                None => {
+                    *this.inner_done = true;
+                    return Poll::Ready(None);
+                }
+            },
+        };
+        let message = crate::future::error_chain(&*error);
+        tracing::warn!(
+            target: "tower_model_fallback",
+            error = %message,
+            "the response body failed after it was handed back",
+        );
+        let _ = this.record.set(message);
+        Poll::Ready(Some(Err(error)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -127,8 +127,10 @@ impl FallbackError {
 
     fn last_kind(&self) -> Option<ErrorKind> {
         match self.report.attempts.last()?.outcome {
-            AttemptOutcome::Error { kind, .. } => Some(kind),
-            AttemptOutcome::Status(_) => None,
+            AttemptOutcome::Error { kind, .. } | AttemptOutcome::BodyFailed { kind, .. } => {
+                Some(kind)
+            }
+            AttemptOutcome::Status(_) | AttemptOutcome::ErrorEvent { .. } => None,
         }
     }
 

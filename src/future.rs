@@ -18,6 +18,7 @@ use crate::layer::Shared;
 use crate::policy::{Decision, ErrorKind, Outcome};
 use crate::report::{Attempt, AttemptOutcome, FallbackReport};
 use crate::request::Prepared;
+use crate::sse;
 
 pin_project_lite::pin_project! {
     /// The response future of [`Fallback`](crate::Fallback).
@@ -41,8 +42,9 @@ pin_project_lite::pin_project! {
         Ready,
         // An attempt in flight.
         Calling { #[pin] future: F },
-        // Reading the start of an error response to classify it (`Ctx::peek`).
-        Peeking,
+        // Reading the start of a response body (`Ctx::peek`): an error body to classify it, or a
+        // success up to its first chunk before committing to it. Bounded by the first-byte timer.
+        Reading { #[pin] timer: Option<tokio::time::Sleep> },
         // Finished, or failed before the first attempt (`Ctx::failed`).
         Done,
     }
@@ -69,14 +71,78 @@ struct Current {
     started: Instant,
 }
 
-/// An error response whose body is being read, within the error-body limit.
+/// A response whose body is being read before it is decided on.
 struct Peek<R: Body> {
     head: response::Parts,
     body: R,
     frames: VecDeque<Frame<R::Data>>,
     read: usize,
-    error: Option<R::Error>,
+    error: Option<BoxError>,
     ended: bool,
+    purpose: Purpose,
+    /// An SSE stream: commit only once its first event is complete.
+    event_stream: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// An error status: read up to the error-body limit, then classify with the bytes read.
+    Classify,
+    /// A success: hold the head until the first chunk (or first SSE event) arrives.
+    Commit,
+}
+
+/// Why reading stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Enough,
+    Failed,
+    TimedOut,
+}
+
+impl<R: Body> Peek<R> {
+    fn new(response: Response<R>, purpose: Purpose) -> Self {
+        let (head, body) = response.into_parts();
+        let event_stream = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        Peek {
+            head,
+            body,
+            frames: VecDeque::new(),
+            read: 0,
+            error: None,
+            ended: false,
+            purpose,
+            event_stream,
+        }
+    }
+
+    /// Whether enough has been read to decide.
+    fn satisfied(&self, limit: usize) -> bool {
+        if self.ended || self.error.is_some() || self.read >= limit {
+            return true;
+        }
+        match self.purpose {
+            Purpose::Classify => false,
+            Purpose::Commit if self.event_stream => {
+                sse::first_event(&contiguous(&self.frames)).is_some()
+            }
+            Purpose::Commit => self.read > 0,
+        }
+    }
+
+    fn into_response(self, record: &FallbackReport) -> Response<ResponseBody<R>> {
+        let body = ResponseBody::with_buffered(
+            self.body,
+            self.frames,
+            self.error,
+            self.ended,
+            record.stream_record(),
+        );
+        Response::from_parts(self.head, body)
+    }
 }
 
 impl<S, B, R> ResponseFuture<S, B, R>
@@ -114,17 +180,12 @@ where
     }
 }
 
-/// What to do after recording an attempt.
-enum Next<T> {
-    Continue,
-    Finish(T),
-}
-
 impl<S, R> Ctx<S, R>
 where
     S: Service<Request<ReplayBody>, Response = Response<R>>,
     S::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Error: Into<BoxError>,
 {
     fn has_next(&self) -> bool {
         self.next < self.shared.targets.len()
@@ -194,33 +255,111 @@ where
         self.report.push(attempt);
     }
 
-    /// Decides on a response: hand it back, or drop it and go on.
-    fn on_response(
-        &mut self,
-        response: Response<ResponseBody<R>>,
-        body: Option<&[u8]>,
-    ) -> Next<Response<ResponseBody<R>>> {
-        let status = response.status();
-        let decision = self.shared.classifier.classify(&Outcome::Response {
-            status,
-            headers: response.headers(),
+    /// The policy's decision on a response head (and the start of its body, when read).
+    fn decide(&self, head: &response::Parts, body: Option<&[u8]>) -> Decision {
+        self.shared.classifier.classify(&Outcome::Response {
+            status: head.status,
+            headers: &head.headers,
             body,
-        });
-        self.record(AttemptOutcome::Status(status), decision);
+        })
+    }
+
+    /// Starts reading a response's body, or decides on its head alone.
+    fn on_response(&mut self, response: Response<R>) -> Step<R> {
+        let status = response.status();
+        let limit = self.shared.error_body_limit;
+        if status.as_u16() >= 400
+            && limit > 0
+            && self
+                .shared
+                .classifier
+                .wants_body(status, response.headers())
+        {
+            return Step::Read(Peek::new(response, Purpose::Classify));
+        }
+        let (head, body) = response.into_parts();
+        let decision = self.decide(&head, None);
+        let response = Response::from_parts(head, body);
+        if decision == Decision::Return
+            && status.is_success()
+            && self.shared.wait_for_first_chunk
+            && !response.body().is_end_stream()
+        {
+            return Step::Read(Peek::new(response, Purpose::Commit));
+        }
+        let peek = Peek::new(response, Purpose::Classify);
+        self.conclude(peek, AttemptOutcome::Status(status), decision)
+    }
+
+    /// Decides once the start of a body has been read (or failed, or timed out).
+    fn on_read(&mut self, peek: Peek<R>, stop: Stop) -> Step<R> {
+        let status = peek.head.status;
+        match (peek.purpose, stop) {
+            (Purpose::Classify, _) => {
+                let bytes = contiguous(&peek.frames);
+                let prefix = &bytes[..bytes.len().min(self.shared.error_body_limit)];
+                let decision = self.decide(&peek.head, Some(prefix));
+                self.conclude(peek, AttemptOutcome::Status(status), decision)
+            }
+            (Purpose::Commit, Stop::Failed | Stop::TimedOut) => {
+                let timeout: BoxError = Box::new(tower::timeout::error::Elapsed::new());
+                let error = peek.error.as_deref().unwrap_or(&*timeout);
+                let kind = ErrorKind::of(error);
+                let decision = self
+                    .shared
+                    .classifier
+                    .classify(&Outcome::Error { kind, error });
+                let message = match stop {
+                    Stop::TimedOut => "no first byte within the first-byte timeout".to_owned(),
+                    _ => error_chain(error),
+                };
+                let outcome = AttemptOutcome::BodyFailed {
+                    status,
+                    kind,
+                    message,
+                };
+                self.conclude(peek, outcome, decision)
+            }
+            (Purpose::Commit, Stop::Enough) => {
+                let event = if peek.event_stream {
+                    sse::error_event(&contiguous(&peek.frames))
+                } else {
+                    None
+                };
+                let Some(event) = event else {
+                    return self.conclude(peek, AttemptOutcome::Status(status), Decision::Return);
+                };
+                let decision = self.shared.classifier.classify(&Outcome::ErrorEvent {
+                    status,
+                    headers: &peek.head.headers,
+                    event: &event,
+                });
+                let outcome = AttemptOutcome::ErrorEvent {
+                    status,
+                    code: crate::policy::error_code(&event),
+                };
+                self.conclude(peek, outcome, decision)
+            }
+        }
+    }
+
+    /// Records the attempt, then drops the response and goes on, or hands it back.
+    fn conclude(&mut self, peek: Peek<R>, outcome: AttemptOutcome, decision: Decision) -> Step<R> {
+        self.record(outcome, decision);
         if decision == Decision::NextTarget && self.has_next() {
-            return Next::Continue;
+            return Step::Next;
         }
         self.report.exhausted = decision == Decision::NextTarget;
         self.report.served = Some(self.report.attempts.len() - 1);
-        let mut response = response;
+        let mut response = peek.into_response(&self.report);
         response
             .extensions_mut()
             .insert(std::mem::take(&mut self.report));
-        Next::Finish(response)
+        Step::Done(response)
     }
 
     /// Decides on an inner error: go on, or end with it.
-    fn on_error(&mut self, error: BoxError) -> Next<FallbackError> {
+    fn on_error(&mut self, error: BoxError) -> Result<(), FallbackError> {
         let kind = ErrorKind::of(&*error);
         let decision = self.shared.classifier.classify(&Outcome::Error {
             kind,
@@ -234,18 +373,62 @@ where
             decision,
         );
         if decision == Decision::NextTarget && self.has_next() {
-            return Next::Continue;
+            return Ok(());
         }
         self.report.exhausted = decision == Decision::NextTarget;
-        Next::Finish(FallbackError::upstream(
+        Err(FallbackError::upstream(
             error,
             std::mem::take(&mut self.report),
         ))
     }
+
+    /// A timer for reading a body, when a first-byte timeout is set.
+    fn timer(&self) -> Option<tokio::time::Sleep> {
+        self.shared.first_byte_timeout.map(tokio::time::sleep)
+    }
+}
+
+/// What comes after an attempt's response.
+enum Step<R: Body> {
+    /// Read the start of its body first.
+    Read(Peek<R>),
+    /// Drop it and try the next target.
+    Next,
+    /// Hand it back.
+    Done(Response<ResponseBody<R>>),
+}
+
+/// Moves the state machine to the step's state; returns the response when it is done.
+fn step_to<B, S, R>(
+    state: &mut Pin<&mut State<B, S::Future>>,
+    ctx: &mut Ctx<S, R>,
+    step: Step<R>,
+) -> Option<Response<ResponseBody<R>>>
+where
+    S: Service<Request<ReplayBody>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    R: Body + Unpin,
+    R::Error: Into<BoxError>,
+{
+    match step {
+        Step::Read(peek) => {
+            ctx.peek = Some(peek);
+            state.set(State::Reading { timer: ctx.timer() });
+            None
+        }
+        Step::Next => {
+            state.set(State::Ready);
+            None
+        }
+        Step::Done(response) => {
+            state.set(State::Done);
+            Some(response)
+        }
+    }
 }
 
 /// An error's message followed by its sources'.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
@@ -275,6 +458,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Error: Into<BoxError>,
 {
     type Output = Result<Response<ResponseBody<R>>, FallbackError>;
 
@@ -359,75 +543,62 @@ where
                         }
                     }
                 }
-                StateProj::Calling { future } => match ready!(future.poll(cx)) {
-                    Ok(response) => {
-                        let status = response.status();
-                        let limit = ctx.shared.error_body_limit;
-                        if status.as_u16() >= 400
-                            && limit > 0
-                            && ctx.shared.classifier.wants_body(status, response.headers())
-                        {
-                            let (head, body) = response.into_parts();
-                            ctx.peek = Some(Peek {
-                                head,
-                                body,
-                                frames: VecDeque::new(),
-                                read: 0,
-                                error: None,
-                                ended: false,
-                            });
-                            this.state.set(State::Peeking);
-                            continue;
-                        }
-                        let response = response.map(ResponseBody::new);
-                        match ctx.on_response(response, None) {
-                            Next::Continue => this.state.set(State::Ready),
-                            Next::Finish(response) => {
+                StateProj::Calling { future } => {
+                    let step = match ready!(future.poll(cx)) {
+                        Ok(response) => ctx.on_response(response),
+                        Err(e) => match ctx.on_error(e.into()) {
+                            Ok(()) => Step::Next,
+                            Err(error) => {
                                 this.state.set(State::Done);
-                                return Poll::Ready(Ok(response));
+                                return Poll::Ready(Err(error));
                             }
-                        }
+                        },
+                    };
+                    if let Some(done) = step_to(&mut this.state, ctx, step) {
+                        return Poll::Ready(Ok(done));
                     }
-                    Err(e) => match ctx.on_error(e.into()) {
-                        Next::Continue => this.state.set(State::Ready),
-                        Next::Finish(error) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(error));
-                        }
-                    },
-                },
-                StateProj::Peeking => {
+                }
+                StateProj::Reading { mut timer } => {
                     let limit = ctx.shared.error_body_limit;
                     let Some(peek) = ctx.peek.as_mut() else {
                         this.state.set(State::Done);
                         continue;
                     };
-                    while peek.read < limit && !peek.ended && peek.error.is_none() {
-                        match ready!(Pin::new(&mut peek.body).poll_frame(cx)) {
-                            Some(Ok(frame)) => {
+                    let stop = loop {
+                        if peek.satisfied(limit) {
+                            break if peek.error.is_some() {
+                                Stop::Failed
+                            } else {
+                                Stop::Enough
+                            };
+                        }
+                        match Pin::new(&mut peek.body).poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
                                 if let Some(data) = frame.data_ref() {
                                     peek.read += data.remaining();
                                 }
                                 peek.frames.push_back(frame);
                             }
-                            Some(Err(e)) => peek.error = Some(e),
-                            None => peek.ended = true,
+                            Poll::Ready(Some(Err(e))) => peek.error = Some(e.into()),
+                            Poll::Ready(None) => peek.ended = true,
+                            Poll::Pending => {
+                                let expired = timer
+                                    .as_mut()
+                                    .as_pin_mut()
+                                    .is_some_and(|t| t.poll(cx).is_ready());
+                                if expired {
+                                    break Stop::TimedOut;
+                                }
+                                return Poll::Pending;
+                            }
                         }
-                    }
+                    };
                     let Some(peek) = ctx.peek.take() else {
                         continue;
                     };
-                    let bytes = contiguous(&peek.frames);
-                    let prefix = &bytes[..bytes.len().min(limit)];
-                    let body =
-                        ResponseBody::with_buffered(peek.body, peek.frames, peek.error, peek.ended);
-                    let response = Response::from_parts(peek.head, body);
-                    match ctx.on_response(response, Some(prefix)) {
-                        Next::Continue => this.state.set(State::Ready),
-                        Next::Finish(response) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Ok(response));
-                        }
+                    let step = ctx.on_read(peek, stop);
+                    if let Some(done) = step_to(&mut this.state, ctx, step) {
+                        return Poll::Ready(Ok(done));
                     }
                 }
                 StateProj::Done => {

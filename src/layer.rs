@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) classifier: Arc<dyn Classify>,
     pub(crate) max_body_bytes: usize,
     pub(crate) error_body_limit: usize,
+    pub(crate) wait_for_first_chunk: bool,
+    pub(crate) first_byte_timeout: Option<std::time::Duration>,
 }
 
 impl FallbackLayer {
@@ -67,6 +69,8 @@ impl FallbackLayer {
                 classifier: Arc::new(DefaultClassifier::new()),
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
+                wait_for_first_chunk: true,
+                first_byte_timeout: None,
             }),
         })
     }
@@ -83,6 +87,27 @@ impl FallbackLayer {
     /// [`DEFAULT_ERROR_BODY_LIMIT`]). Only read for statuses the policy asks for; `0` never reads.
     pub fn error_body_limit(mut self, limit: usize) -> Self {
         Arc::make_mut(&mut self.shared).error_body_limit = limit;
+        self
+    }
+
+    /// Where the layer commits to a successful response (default `true`: at its first chunk).
+    ///
+    /// With `true`, a 2xx head is held until the first body chunk arrives (for
+    /// `text/event-stream`, until the first complete event). If the body fails before that — the
+    /// connection drops, the [first-byte timeout](FallbackLayer::first_byte_timeout) passes, or
+    /// the stream opens with an error event such as `data: {"error": …}` — the next target is
+    /// still tried. With `false`, the layer commits as soon as the head arrives. Either way,
+    /// once a byte has reached the caller, an upstream failure is an error on the response body.
+    pub fn wait_for_first_chunk(mut self, wait: bool) -> Self {
+        Arc::make_mut(&mut self.shared).wait_for_first_chunk = wait;
+        self
+    }
+
+    /// How long a response head may wait for its first body chunk (and an error body for the
+    /// bytes read to classify it) before the attempt counts as timed out (default: no limit).
+    /// Needs a tokio runtime with its time driver.
+    pub fn first_byte_timeout(mut self, timeout: std::time::Duration) -> Self {
+        Arc::make_mut(&mut self.shared).first_byte_timeout = Some(timeout);
         self
     }
 

@@ -108,6 +108,7 @@ mod policy;
 mod report;
 mod request;
 mod service;
+mod sse;
 mod target;
 
 pub use body::{ReplayBody, ResponseBody};

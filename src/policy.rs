@@ -139,7 +139,18 @@ pub enum Outcome<'a> {
         /// it with [`Classify::wants_body`].
         body: Option<&'a [u8]>,
     },
-    /// The inner service failed without a response.
+    /// A successful, streamed (`text/event-stream`) response whose first event is an error object,
+    /// such as `data: {"error": {...}}`, before any byte of it reached the caller.
+    ErrorEvent {
+        /// The response status (usually 200).
+        status: StatusCode,
+        /// The response headers.
+        headers: &'a HeaderMap,
+        /// The event's data (its `data:` lines).
+        event: &'a [u8],
+    },
+    /// The inner service failed without a response, or a response body failed before its first
+    /// byte reached the caller (connection dropped, first-byte timeout).
     Error {
         /// What kind of failure it was.
         kind: ErrorKind,
@@ -177,6 +188,8 @@ pub trait Classify: Send + Sync + 'static {
 /// | 408, 409, 429, every 5xx | next target |
 /// | every other 4xx (400, 401, 403, 404, 405, 413, 415, 422, …) | return |
 /// | an inner error (timeout, connect, closed, overloaded, …) | next target |
+/// | a success whose body fails, or times out, before its first byte | next target |
+/// | a stream whose first event is an error (`data: {"error": …}`) | next target |
 ///
 /// Status sets override the table (and the `x-should-retry` header):
 ///
@@ -278,7 +291,7 @@ impl Classify for DefaultClassifier {
                 headers,
                 body,
             } => self.classify_status(status, headers, body),
-            Outcome::Error { .. } => Decision::NextTarget,
+            Outcome::ErrorEvent { .. } | Outcome::Error { .. } => Decision::NextTarget,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The history of one request: every attempt, what came of it, and which target served.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -29,6 +29,8 @@ pub struct FallbackReport {
     pub(crate) served: Option<usize>,
     pub(crate) exhausted: bool,
     pub(crate) requested_model: Option<Arc<str>>,
+    /// Shared with the response body, which records a failure after the commit point.
+    pub(crate) stream_error: Arc<OnceLock<String>>,
 }
 
 impl FallbackReport {
@@ -55,6 +57,17 @@ impl FallbackReport {
     /// The model the caller's body asked for (its top-level `"model"` string), if any.
     pub fn requested_model(&self) -> Option<&str> {
         self.requested_model.as_deref()
+    }
+
+    /// The error that ended the response body after it was handed back (the upstream failed
+    /// mid-stream; the body yielded this error rather than a clean end). Shared by every clone of
+    /// this report, so it can be read once the body has been consumed.
+    pub fn stream_error(&self) -> Option<&str> {
+        self.stream_error.get().map(String::as_str)
+    }
+
+    pub(crate) fn stream_record(&self) -> Arc<OnceLock<String>> {
+        self.stream_error.clone()
     }
 
     pub(crate) fn push(&mut self, attempt: Attempt) {
@@ -117,7 +130,9 @@ impl Attempt {
     /// The response status, when there was a response.
     pub fn status(&self) -> Option<StatusCode> {
         match self.outcome {
-            AttemptOutcome::Status(s) => Some(s),
+            AttemptOutcome::Status(status)
+            | AttemptOutcome::BodyFailed { status, .. }
+            | AttemptOutcome::ErrorEvent { status, .. } => Some(status),
             AttemptOutcome::Error { .. } => None,
         }
     }
@@ -160,6 +175,22 @@ pub enum AttemptOutcome {
         /// The error's message (its `Display` and its sources').
         message: String,
     },
+    /// A success whose body failed (or timed out) before its first byte reached the caller.
+    BodyFailed {
+        /// The response status.
+        status: StatusCode,
+        /// What kind of failure.
+        kind: ErrorKind,
+        /// What happened.
+        message: String,
+    },
+    /// A streamed success whose first event was an error object.
+    ErrorEvent {
+        /// The response status.
+        status: StatusCode,
+        /// The error's `code` (or `type`), when it has one.
+        code: Option<String>,
+    },
 }
 
 impl fmt::Display for AttemptOutcome {
@@ -167,6 +198,18 @@ impl fmt::Display for AttemptOutcome {
         match self {
             AttemptOutcome::Status(s) => write!(f, "{s}"),
             AttemptOutcome::Error { kind, message } => write!(f, "{kind} ({message})"),
+            AttemptOutcome::BodyFailed {
+                status,
+                kind,
+                message,
+            } => write!(f, "{status}, then {kind} before the first byte ({message})"),
+            AttemptOutcome::ErrorEvent { status, code } => {
+                write!(f, "{status}, then an error event")?;
+                match code {
+                    Some(code) => write!(f, " ({code})"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }

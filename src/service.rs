@@ -65,6 +65,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<R>>;
     type Error = FallbackError;

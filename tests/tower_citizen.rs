@@ -1,5 +1,4 @@
-//! Contract 6: readiness before every attempt, clone-and-swap, cancellation on drop, and the
-//! answer's body streamed through rather than buffered.
+//! Contract 6: readiness before every attempt, clone-and-swap, cancellation on drop.
 
 mod support;
 
@@ -10,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::sync::Notify;
@@ -153,43 +151,4 @@ async fn dropping_the_response_future_closes_the_upstream_connection() {
         "the upstream saw the connection close"
     );
     assert_eq!(up.count(), 1);
-}
-
-#[tokio::test]
-async fn a_successful_body_reaches_the_caller_chunk_by_chunk() {
-    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-    let go_rx = Arc::new(tokio::sync::Mutex::new(Some(go_rx)));
-    let up = Upstream::start(move |_| {
-        let go_rx = go_rx.clone();
-        async move {
-            let (response, tx) = streamed(200);
-            tokio::spawn(async move {
-                tx.send(Ok(Bytes::from_static(b"data: {\"n\":1}\n\n")))
-                    .await
-                    .unwrap();
-                if let Some(go) = go_rx.lock().await.take() {
-                    let _ = go.await;
-                }
-                tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n")))
-                    .await
-                    .unwrap();
-            });
-            response
-        }
-    })
-    .await;
-    let layer = FallbackLayer::new([Target::new(up.url()).unwrap()]).unwrap();
-    let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();
-    let mut body = response.into_body();
-    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("first chunk in time");
-    assert_eq!(
-        first.unwrap().unwrap().into_data().unwrap(),
-        Bytes::from_static(b"data: {\"n\":1}\n\n")
-    );
-    assert!(!body.is_end_stream());
-    go_tx.send(()).unwrap();
-    let rest = body.collect().await.unwrap().to_bytes();
-    assert_eq!(&rest[..], b"data: [DONE]\n\n");
 }

@@ -286,3 +286,95 @@ pub fn streamed(
         .unwrap();
     (response, tx)
 }
+
+/// What a [`RawUpstream`] does after writing its bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum Then {
+    /// Close the connection.
+    Close,
+    /// Keep the connection open, sending nothing more, until the test ends.
+    Stall,
+}
+
+/// A fault server on 127.0.0.1 speaking raw bytes: it reads one request (head and
+/// content-length body), writes `response` exactly, then closes or stalls.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    pub async fn start(response: &'static [u8], then: Then) -> RawUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head, then as many body bytes as content-length says (bounded).
+                let complete = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + length {
+                            break true;
+                        }
+                    }
+                    match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                        .await
+                    {
+                        Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => break false,
+                    }
+                };
+                if !complete {
+                    continue;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(response).await;
+                let _ = stream.flush().await;
+                match then {
+                    Then::Close => drop(stream),
+                    Then::Stall => held.push(stream),
+                }
+            }
+        });
+        RawUpstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// A streamed (SSE) response head, chunked, with no body yet.
+pub const SSE_HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
