@@ -8,56 +8,50 @@
 //!
 //! Run: `cargo run --example quickstart`
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+#[path = "common/upstream.rs"]
+mod upstream;
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use hyper_util::rt::TokioExecutor;
 use tower::{ServiceBuilder, ServiceExt};
-use tower_model_fallback::{FallbackLayer, FallbackReport, Target};
+use tower_model_fallback::{FallbackLayer, FallbackReport, ResponseBody, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let primary_calls = Arc::new(AtomicUsize::new(0));
-    let fallback_calls = Arc::new(AtomicUsize::new(0));
-    let primary = serve(primary_calls.clone(), |body| {
+    let primary = upstream::serve(Duration::ZERO, |body| {
         if body.get("messages").is_none() {
-            json(400, r#"{"error":{"message":"'messages' is a required property","type":"invalid_request_error","code":null}}"#.to_owned())
+            let error = r#"{"error":{"message":"'messages' is a required property","type":"invalid_request_error","code":null}}"#;
+            upstream::json(400, error.to_owned())
         } else {
-            json(503, r#"{"error":{"message":"The server is overloaded, please retry later","type":"server_error"}}"#.to_owned())
+            let error = r#"{"error":{"message":"The server is overloaded, please retry later","type":"server_error"}}"#;
+            upstream::json(503, error.to_owned())
         }
     })
     .await?;
-    let fallback = serve(fallback_calls.clone(), |body| {
-        let model = body["model"].as_str().unwrap_or("?").to_owned();
-        let answer = serde_json::json!({
-            "id": "chatcmpl-quickstart",
-            "object": "chat.completion",
-            "model": model,
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": format!("Hello from {model} on the fallback.")}}],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
-        });
-        json(200, answer.to_string())
-    })
-    .await?;
-    println!("primary   http://{primary}/v1   answers 503 to chat requests, 400 to malformed ones");
-    println!("fallback  http://{fallback}/v1   answers chat completions\n");
+    let fallback = upstream::serve(Duration::ZERO, upstream::chat_completion).await?;
+    println!(
+        "primary   http://{}/v1   answers 503 to chat requests, 400 to malformed ones",
+        primary.addr
+    );
+    println!(
+        "fallback  http://{}/v1   answers chat completions\n",
+        fallback.addr
+    );
 
     let layer = FallbackLayer::new([
-        Target::new(format!("http://{primary}/v1"))?
+        Target::new(format!("http://{}/v1", primary.addr))?
             .name("primary")
             .model("gpt-4o-mini")
             .bearer("demo-key-primary")?,
-        Target::new(format!("http://{fallback}/v1"))?
+        Target::new(format!("http://{}/v1", fallback.addr))?
             .name("fallback")
             .model("claude-3-5-haiku")
             .bearer("demo-key-fallback")?,
@@ -88,8 +82,8 @@ async fn main() -> Result<(), BoxError> {
     );
     println!(
         "\nupstream calls: primary {}, fallback {} (the 400 never reached the fallback)",
-        primary_calls.load(Ordering::SeqCst),
-        fallback_calls.load(Ordering::SeqCst)
+        primary.calls(),
+        fallback.calls()
     );
     Ok(())
 }
@@ -107,10 +101,7 @@ async fn send<S>(
     request: Request<Full<Bytes>>,
 ) -> Result<(StatusCode, FallbackReport, Bytes), BoxError>
 where
-    S: tower::Service<
-        Request<Full<Bytes>>,
-        Response = Response<tower_model_fallback::ResponseBody<Incoming>>,
-    >,
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<ResponseBody<Incoming>>>,
     S::Error: Into<BoxError>,
 {
     let response = client.oneshot(request).await.map_err(Into::into)?;
@@ -125,47 +116,4 @@ where
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, report, body))
-}
-
-fn json(status: u16, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() =
-        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    response.headers_mut().insert(
-        "content-type",
-        http::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// A tiny upstream on 127.0.0.1 answering every request with `answer(parsed JSON body)`.
-async fn serve(
-    calls: Arc<AtomicUsize>,
-    answer: fn(&serde_json::Value) -> Response<Full<Bytes>>,
-) -> Result<std::net::SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let calls = calls.clone();
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    let bytes = request
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-                    Ok::<_, Infallible>(answer(&body))
-                }
-            });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service),
-            );
-        }
-    });
-    Ok(addr)
 }

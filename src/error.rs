@@ -221,7 +221,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn new(field: impl Into<Cow<'static, str>>, problem: impl Into<String>) -> Self {
+    /// An error for `field`, saying what is wrong with it.
+    pub fn new(field: impl Into<Cow<'static, str>>, problem: impl Into<String>) -> Self {
         ConfigError {
             field: field.into(),
             problem: problem.into(),

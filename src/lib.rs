@@ -100,6 +100,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod config;
 mod error;
 mod future;
 mod json;
@@ -112,6 +113,7 @@ mod sse;
 mod target;
 
 pub use body::{ReplayBody, ResponseBody};
+pub use config::{FallbackConfig, TargetConfig};
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
 pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};

@@ -1,0 +1,318 @@
+//! [`FallbackConfig`]: a layer described in JSON, with keys taken from environment variables.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ConfigError;
+use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
+use crate::target::Target;
+
+/// A [`FallbackLayer`] described as data: targets, limits and timeouts. Unknown fields are an
+/// error, and every error names the field (`targets[1].base_url: … is a relative URL`).
+///
+/// Keys are never written in the file: each target names the environment variable that holds
+/// its key (`api_key_env`). A key written in the file (`api_key`) is refused unless
+/// `allow_inline_keys` is `true`.
+///
+/// ```
+/// use tower_model_fallback::FallbackConfig;
+///
+/// let config = FallbackConfig::from_json(br#"{
+///     "targets": [
+///         {"name": "cometapi", "base_url": "https://api.cometapi.com/v1", "model": "gpt-4o-mini", "api_key_env": "COMETAPI_KEY"},
+///         {"name": "openai", "base_url": "https://api.openai.com/v1", "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}
+///     ],
+///     "attempt_timeout_ms": 30000
+/// }"#).unwrap();
+/// let env = |name: &str| Some(format!("key-for-{name}"));
+/// let layer = config.layer_with_env(env).unwrap();
+/// assert_eq!(layer.targets()[1].get_name(), "openai");
+///
+/// let err = FallbackConfig::from_json(br#"{"targets": [{"base_url": "https://a.example", "modle": "x"}]}"#)
+///     .unwrap_err();
+/// assert!(err.to_string().starts_with("targets[0].modle: unknown field"), "{err}");
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// The targets, in order (at least one).
+    pub targets: Vec<TargetConfig>,
+    /// Bound on a request body in bytes (default 33554432, 32 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Bound on the part of an error body read to classify it (default 8192).
+    #[serde(default = "default_error_body_limit")]
+    pub error_body_limit: usize,
+    /// Time for one attempt's response head, in milliseconds (default: none). The layer does
+    /// not enforce it: put a `TimeoutLayer` inside the fallback layer with
+    /// [`attempt_timeout`](FallbackConfig::attempt_timeout), as the gateway example does.
+    #[serde(default)]
+    pub attempt_timeout_ms: Option<u64>,
+    /// Time a response head may wait for its first body chunk, in milliseconds (default: none).
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
+    /// Hold a success until its first chunk, so that a failure before it still falls back
+    /// (default `true`).
+    #[serde(default = "default_true")]
+    pub wait_for_first_chunk: bool,
+    /// Accept keys written in the file (`api_key`) rather than in the environment (default
+    /// `false`).
+    #[serde(default)]
+    pub allow_inline_keys: bool,
+}
+
+/// One target of a [`FallbackConfig`].
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// The display name (default: the base URL's host).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The base URL, e.g. `https://api.cometapi.com/v1`.
+    pub base_url: String,
+    /// The model ID written into the body (default: the caller's model, unchanged).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The environment variable that holds this target's key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The key itself; refused unless `allow_inline_keys` is `true`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// The header the key is sent in (default `authorization`, as `Bearer <key>`); e.g.
+    /// `x-api-key` or `api-key` to send the bare key there.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    /// Extra headers sent to this target only.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Let the caller's own key through to this target (default `false`).
+    #[serde(default)]
+    pub forward_caller_credentials: bool,
+}
+
+impl std::fmt::Debug for TargetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetConfig")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field("model", &self.model)
+            .field("api_key_env", &self.api_key_env)
+            .field("api_key", &self.api_key.as_ref().map(|_| "[redacted]"))
+            .field("api_key_header", &self.api_key_header)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field(
+                "forward_caller_credentials",
+                &self.forward_caller_credentials,
+            )
+            .finish()
+    }
+}
+
+fn default_max_body_bytes() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+fn default_error_body_limit() -> usize {
+    DEFAULT_ERROR_BODY_LIMIT
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl FallbackConfig {
+    /// Parses a JSON config. Errors name the field: `targets[0].modle: unknown field …`.
+    pub fn from_json(json: &[u8]) -> Result<FallbackConfig, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let config: FallbackConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "config".to_owned()
+            } else {
+                path
+            };
+            ConfigError::new(field, e.inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| ConfigError::new("config", e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Reads and parses a JSON config file.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<FallbackConfig, ConfigError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::new("config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        FallbackConfig::from_json(&bytes)
+    }
+
+    /// Builds the layer, reading keys from the process environment.
+    pub fn layer(&self) -> Result<FallbackLayer, ConfigError> {
+        self.layer_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the layer, reading keys with `env` (a stand-in for the environment in tests).
+    pub fn layer_with_env(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<FallbackLayer, ConfigError> {
+        let targets = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.target(&env, self.allow_inline_keys)
+                    .map_err(|e| e.within(format!("targets[{i}]")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut layer = FallbackLayer::new(targets)?
+            .max_body_bytes(self.max_body_bytes)
+            .error_body_limit(self.error_body_limit)
+            .wait_for_first_chunk(self.wait_for_first_chunk);
+        if let Some(ms) = self.first_byte_timeout_ms {
+            layer = layer.first_byte_timeout(Duration::from_millis(ms));
+        }
+        Ok(layer)
+    }
+
+    /// The per-attempt timeout, if one is set.
+    pub fn attempt_timeout(&self) -> Option<Duration> {
+        self.attempt_timeout_ms.map(Duration::from_millis)
+    }
+}
+
+impl TargetConfig {
+    fn target(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+        allow_inline_keys: bool,
+    ) -> Result<Target, ConfigError> {
+        let mut target = Target::new(&self.base_url)?;
+        if let Some(name) = &self.name {
+            target = target.name(name);
+        }
+        if let Some(model) = &self.model {
+            target = target.model(model);
+        }
+        let key = match (&self.api_key_env, &self.api_key) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "api_key",
+                    "give either api_key_env or api_key, not both",
+                ))
+            }
+            (Some(var), None) => Some(env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                ConfigError::new(
+                    "api_key_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?),
+            (None, Some(_)) if !allow_inline_keys => {
+                return Err(ConfigError::new(
+                    "api_key",
+                    "a key written in the config file is refused; name an environment variable with api_key_env (or set allow_inline_keys)",
+                ))
+            }
+            (None, key) => key.clone(),
+        };
+        if let Some(key) = key {
+            target = match &self.api_key_header {
+                None => target.bearer(key)?,
+                Some(h) if h.eq_ignore_ascii_case("authorization") => target.bearer(key)?,
+                Some(header) => target.api_key_header(header, key)?,
+            };
+        }
+        for (name, value) in &self.headers {
+            target = target
+                .header(name, value)
+                .map_err(|e| e.within(format!("headers.{name}")))?;
+        }
+        Ok(target.forward_caller_credentials(self.forward_caller_credentials))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(json: &str, env: &[(&str, &str)]) -> Result<FallbackLayer, ConfigError> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        FallbackConfig::from_json(json.as_bytes())?.layer_with_env(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_problem() {
+        let cases = [
+            (
+                r#"{"targets": []}"#,
+                "targets: at least one target is required",
+            ),
+            (
+                r#"{"targets": [{"base_url": "http://a.example"}, {"base_url": "api.openai.com/v1"}]}"#,
+                "targets[1].base_url: \"api.openai.com/v1\" is a relative URL",
+            ),
+            (
+                r#"{"targets": [{"base_url": "http://a.example", "api_key_env": "NOPE"}]}"#,
+                "targets[0].api_key_env: environment variable NOPE is not set",
+            ),
+            (
+                r#"{"targets": [{"base_url": "http://a.example", "api_key": "sk-inline"}]}"#,
+                "targets[0].api_key: a key written in the config file is refused",
+            ),
+            (
+                r#"{"targets": [{"base_url": 7}]}"#,
+                "targets[0].base_url: invalid type",
+            ),
+            (r#"{"targetz": []}"#, "targetz: unknown field `targetz`"),
+            (
+                r#"{"max_body_bytes": 1}"#,
+                "config: missing field `targets`",
+            ),
+            (
+                r#"{"targets": [{"base_url": "http://a.example", "headers": {"x-a": "bad\nvalue"}}]}"#,
+                "targets[0].headers.x-a.header:",
+            ),
+            (
+                r#"{"targets": [{"base_url": "http://a.example"}]} trailing"#,
+                "config: trailing characters",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = build(json, &[]).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected),
+                "{json}\n  gave: {err}\n  want: {expected}"
+            );
+            assert!(!err.contains("sk-inline"));
+        }
+    }
+
+    #[test]
+    fn builds_targets_with_keys_from_the_environment() {
+        let layer = build(
+            r#"{"targets": [
+                {"name": "a", "base_url": "http://a.example/v1", "model": "m1", "api_key_env": "A_KEY"},
+                {"base_url": "http://b.example", "api_key_env": "B_KEY", "api_key_header": "x-api-key",
+                 "headers": {"anthropic-version": "2023-06-01"}}
+            ], "first_byte_timeout_ms": 5000, "max_body_bytes": 1024}"#,
+            &[("A_KEY", "ka"), ("B_KEY", "kb")],
+        )
+        .unwrap();
+        let targets = layer.targets();
+        assert_eq!(
+            (targets[0].get_name(), targets[0].get_model()),
+            ("a", Some("m1"))
+        );
+        assert_eq!(targets[0].credentials[0].1, "Bearer ka");
+        assert_eq!(targets[1].get_name(), "b.example");
+        assert_eq!(targets[1].credentials[0].0, "x-api-key");
+        assert_eq!(targets[1].headers[0].0, "anthropic-version");
+    }
+}
