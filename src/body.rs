@@ -128,6 +128,9 @@ pub(crate) struct Collector {
 /// The body grew past the bound.
 pub(crate) struct TooLarge;
 
+/// How far beyond the bytes received the collector reserves on the strength of a size hint.
+const PREALLOCATE_AHEAD: u64 = 256 * 1024;
+
 impl Collector {
     pub(crate) fn new(limit: usize) -> Self {
         Collector {
@@ -159,9 +162,13 @@ impl Collector {
             return Ok(());
         }
         if let Some(first) = self.first.take() {
-            let expected = (self.len as u64).max(hint.lower().saturating_add(first.len() as u64));
-            let capacity = expected.min(self.limit as u64) as usize;
-            self.rest.reserve(capacity);
+            // Trust the announced size only a little beyond what has arrived: a caller announcing
+            // 32 MiB and trickling bytes must not make us hold 32 MiB.
+            let announced = hint.lower().saturating_add(first.len() as u64);
+            let capacity = announced
+                .min(self.len as u64 + PREALLOCATE_AHEAD)
+                .min(self.limit as u64) as usize;
+            self.rest.reserve(capacity.max(self.len));
             self.rest.extend_from_slice(&first);
         }
         while data.has_remaining() {
@@ -321,6 +328,20 @@ mod tests {
         assert!(c.push(Bytes::from_static(b"ab"), &SizeHint::new()).is_ok());
         assert!(c.push(Bytes::from_static(b"cde"), &SizeHint::new()).is_ok());
         assert_eq!(&c.finish()[..], b"abcde");
+    }
+
+    #[test]
+    fn an_announced_size_does_not_reserve_memory_that_never_arrives() {
+        let mut c = Collector::new(32 << 20);
+        let hint = SizeHint::with_exact(32 << 20);
+        assert!(c.push(Bytes::from_static(b"a"), &hint).is_ok());
+        assert!(c.push(Bytes::from_static(b"b"), &hint).is_ok());
+        assert!(c.rest.capacity() <= 1 << 20, "{}", c.rest.capacity());
+        let mut unbounded = Collector::new(usize::MAX);
+        let huge = SizeHint::with_exact(u64::MAX - 1);
+        assert!(unbounded.push(Bytes::from_static(b"ab"), &huge).is_ok());
+        assert!(unbounded.push(Bytes::from_static(b"cd"), &huge).is_ok());
+        assert_eq!(&unbounded.finish()[..], b"abcd");
     }
 
     #[test]

@@ -43,6 +43,7 @@ enum Kind {
     InvalidJson { detail: String },
     Request,
     Upstream,
+    Unready,
 }
 
 impl FallbackError {
@@ -65,6 +66,14 @@ impl FallbackError {
     pub(crate) fn upstream(source: BoxError, report: FallbackReport) -> Self {
         FallbackError {
             kind: Kind::Upstream,
+            report,
+            source: Some(source),
+        }
+    }
+
+    pub(crate) fn unready(source: BoxError, report: FallbackReport) -> Self {
+        FallbackError {
+            kind: Kind::Unready,
             report,
             source: Some(source),
         }
@@ -107,7 +116,7 @@ impl FallbackError {
     /// Attempts were made and the last one failed without a response (or the inner service
     /// failed to become ready). The report lists every attempt.
     pub fn is_upstream(&self) -> bool {
-        matches!(self.kind, Kind::Upstream)
+        matches!(self.kind, Kind::Upstream | Kind::Unready)
     }
 
     /// Whether the last attempt timed out.
@@ -182,6 +191,17 @@ impl fmt::Display for FallbackError {
             Kind::Request => self.with_source(f, "the request could not be rebuilt for a target"),
             Kind::Upstream if self.report.attempts.is_empty() => {
                 self.with_source(f, "the inner service failed before any attempt")
+            }
+            Kind::Unready => {
+                let next = self.report.attempts.len() + 1;
+                self.with_source(
+                    f,
+                    &format!("the inner service failed while getting ready for attempt {next}"),
+                )?;
+                for (i, a) in self.report.attempts.iter().enumerate() {
+                    write!(f, "\n  {}. {a}", i + 1)?;
+                }
+                Ok(())
             }
             Kind::Upstream => {
                 let n = self.report.attempts.len();

@@ -20,6 +20,9 @@ use crate::report::{Attempt, AttemptOutcome, FallbackReport};
 use crate::request::Prepared;
 use crate::sse;
 
+/// How long an error body may take to arrive when no first-byte timeout is set.
+const ERROR_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pin_project_lite::pin_project! {
     /// The response future of [`Fallback`](crate::Fallback).
     pub struct ResponseFuture<S, B, R>
@@ -61,6 +64,8 @@ struct Ctx<S, R: Body> {
     next: usize,
     current: Option<Current>,
     peek: Option<Peek<R>>,
+    /// The last response, dropped once the next attempt is sent.
+    pending: Option<Peek<R>>,
 }
 
 /// The attempt in flight.
@@ -175,6 +180,7 @@ where
                 next: 0,
                 current: None,
                 peek: None,
+                pending: None,
             },
         }
     }
@@ -347,6 +353,9 @@ where
     fn conclude(&mut self, peek: Peek<R>, outcome: AttemptOutcome, decision: Decision) -> Step<R> {
         self.record(outcome, decision);
         if decision == Decision::NextTarget && self.has_next() {
+            // Kept until the next attempt is actually sent: if the inner service fails to get
+            // ready, this is the last failure and goes back to the caller.
+            self.pending = Some(peek);
             return Step::Next;
         }
         self.report.exhausted = decision == Decision::NextTarget;
@@ -383,8 +392,29 @@ where
     }
 
     /// A timer for reading a body, when a first-byte timeout is set.
-    fn timer(&self) -> Option<tokio::time::Sleep> {
-        self.shared.first_byte_timeout.map(tokio::time::sleep)
+    fn timer(&self, purpose: Purpose) -> Option<tokio::time::Sleep> {
+        let limit = match purpose {
+            Purpose::Commit => self.shared.first_byte_timeout,
+            // An error body is read to decide; it must not hold the request forever.
+            Purpose::Classify => self
+                .shared
+                .first_byte_timeout
+                .or(Some(ERROR_BODY_READ_TIMEOUT)),
+        }?;
+        // Timers need tokio's time driver; without a runtime, reads are bounded in size only.
+        tokio::runtime::Handle::try_current().ok()?;
+        Some(tokio::time::sleep(limit))
+    }
+
+    /// Hands back the last response, kept while the next attempt waited for readiness.
+    fn hand_back_pending(&mut self) -> Option<Response<ResponseBody<R>>> {
+        let peek = self.pending.take()?;
+        self.report.served = Some(self.report.attempts.len().checked_sub(1)?);
+        let mut response = peek.into_response(&self.report);
+        response
+            .extensions_mut()
+            .insert(std::mem::take(&mut self.report));
+        Some(response)
     }
 }
 
@@ -412,8 +442,9 @@ where
 {
     match step {
         Step::Read(peek) => {
+            let timer = ctx.timer(peek.purpose);
             ctx.peek = Some(peek);
-            state.set(State::Reading { timer: ctx.timer() });
+            state.set(State::Reading { timer });
             None
         }
         Step::Next => {
@@ -514,26 +545,16 @@ where
                 }
                 StateProj::Ready => {
                     if let Err(e) = ready!(ctx.inner.poll_ready(cx)) {
-                        // A failed service cannot take the next attempt: end here.
-                        let index = ctx.next;
-                        ctx.current = Some(Current {
-                            index,
-                            model: None,
-                            substituted: false,
-                            started: Instant::now(),
-                        });
-                        let error: BoxError = e.into();
-                        ctx.record(
-                            AttemptOutcome::Error {
-                                kind: ErrorKind::of(&*error),
-                                message: error_chain(&*error),
-                            },
-                            Decision::Return,
-                        );
+                        // A failed service cannot take the next attempt: the last failure is
+                        // the outcome, its response if it had one.
                         this.state.set(State::Done);
+                        if let Some(response) = ctx.hand_back_pending() {
+                            return Poll::Ready(Ok(response));
+                        }
                         let report = std::mem::take(&mut ctx.report);
-                        return Poll::Ready(Err(FallbackError::upstream(error, report)));
+                        return Poll::Ready(Err(FallbackError::unready(e.into(), report)));
                     }
+                    ctx.pending = None;
                     match ctx.call_next() {
                         Ok(future) => this.state.set(State::Calling { future }),
                         Err(e) => {
@@ -573,12 +594,14 @@ where
                             };
                         }
                         match Pin::new(&mut peek.body).poll_frame(cx) {
-                            Poll::Ready(Some(Ok(frame))) => {
-                                if let Some(data) = frame.data_ref() {
+                            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                                Some(data) if !data.has_remaining() => {}
+                                Some(data) => {
                                     peek.read += data.remaining();
+                                    peek.frames.push_back(frame);
                                 }
-                                peek.frames.push_back(frame);
-                            }
+                                None => peek.frames.push_back(frame),
+                            },
                             Poll::Ready(Some(Err(e))) => peek.error = Some(e.into()),
                             Poll::Ready(None) => peek.ended = true,
                             Poll::Pending => {

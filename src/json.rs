@@ -40,7 +40,28 @@ impl Ranges {
     pub(crate) fn first(&self) -> &Range<usize> {
         &self.first
     }
+
+    /// The substituted body in one buffer: for bodies with many top-level `"model"` members,
+    /// where slices would cost more than the copy.
+    fn joined(&self, body: &Bytes, model: &ModelLiteral) -> Bytes {
+        let removed: usize = self.iter().map(|r| r.len()).sum();
+        let added = model.value.len() * (self.more.len() + 1);
+        let mut out = Vec::with_capacity(body.len() - removed + added);
+        let mut at = 0;
+        for r in self.iter() {
+            out.extend_from_slice(&body[at..r.start]);
+            out.extend_from_slice(&model.value);
+            at = r.end;
+        }
+        out.extend_from_slice(&body[at..]);
+        Bytes::from(out)
+    }
 }
+
+/// Past this many repeated top-level `"model"` members, the body is substituted into one buffer
+/// rather than sent as slices (a body of a million `"model":0,` members must not become two
+/// million slices).
+const MAX_SLICED_SLOTS: usize = 8;
 
 /// Why a body is not a JSON object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +114,8 @@ pub(crate) fn escape_string(s: &str) -> Vec<u8> {
             '\n' => out.extend_from_slice(b"\\n"),
             '\r' => out.extend_from_slice(b"\\r"),
             '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
             c if (c as u32) < 0x20 => {
                 out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
             }
@@ -109,6 +132,11 @@ pub(crate) fn escape_string(s: &str) -> Vec<u8> {
 impl ModelSlots {
     /// The body for one target: slices of `body` around `model`'s literal, empty slices left out.
     pub(crate) fn splice(&self, body: &Bytes, model: &ModelLiteral) -> Vec<Bytes> {
+        if let ModelSlots::Replace(ranges) = self {
+            if ranges.more.len() >= MAX_SLICED_SLOTS {
+                return vec![ranges.joined(body, model)];
+            }
+        }
         let mut out = Vec::with_capacity(3);
         let mut push = |b: Bytes| {
             if !b.is_empty() {
@@ -533,6 +561,36 @@ mod tests {
             sub(r#"{"mod\u0065l":"a"}"#, "b").unwrap(),
             r#"{"mod\u0065l":"b"}"#
         );
+    }
+
+    #[test]
+    fn many_duplicate_models_are_joined_into_one_buffer() {
+        let body = format!("{{{}\"x\":1}}", "\"model\":0,".repeat(1000));
+        let bytes = Bytes::from(body.clone());
+        let parts = locate(&bytes)
+            .unwrap()
+            .splice(&bytes, &ModelLiteral::new("m"));
+        assert_eq!(parts.len(), 1);
+        assert_eq!(
+            String::from_utf8(parts.concat()).unwrap(),
+            body.replace("\"model\":0", "\"model\":\"m\"")
+        );
+    }
+
+    #[test]
+    fn a_control_character_deep_in_a_long_string_is_found() {
+        for at in 0..24 {
+            let mut s = String::from("{\"a\":\"");
+            s.push_str(&"x".repeat(at));
+            s.push('\u{1f}');
+            s.push_str(&"y".repeat(30));
+            s.push_str("\"}");
+            let err = locate(s.as_bytes()).unwrap_err();
+            assert_eq!(
+                (err.reason, err.offset),
+                ("control character in a string", 6 + at)
+            );
+        }
     }
 
     #[test]

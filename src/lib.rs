@@ -79,7 +79,10 @@
 //! | 404 whose error body says `model_not_found` | next target |
 //! | 408, 409, 429, 500, 502, 503, 504, 520–524, 529, every other 5xx | next target |
 //! | `x-should-retry: false` / `true` on an error status | return / next target |
-//! | inner error: timeout, connect, closed/reset, `Overloaded`, any other | next target |
+//! | inner error: timeout, connect, closed/reset, `Overloaded`, other I/O | next target |
+//! | inner error of a kind it does not recognise ([`ErrorKind::Other`]) | an error, at once |
+//! | a success whose body fails, or times out, before its first byte | next target |
+//! | a stream whose first event is an error object (`data: {"error": …}`) | next target |
 //!
 //! Error bodies are read only for the statuses the policy asks for (404 by default), and only up
 //! to [`FallbackLayer::error_body_limit`] (8 KiB); the caller still gets the whole body.

@@ -187,7 +187,8 @@ pub trait Classify: Send + Sync + 'static {
 /// | 404 with `model_not_found` in its error body | next target |
 /// | 408, 409, 429, every 5xx | next target |
 /// | every other 4xx (400, 401, 403, 404, 405, 413, 415, 422, …) | return |
-/// | an inner error (timeout, connect, closed, overloaded, …) | next target |
+/// | an inner error: timeout, connect, closed/reset, overloaded, other I/O | next target |
+/// | an inner error of a kind not recognised ([`ErrorKind::Other`]) | return (as an error) |
 /// | a success whose body fails, or times out, before its first byte | next target |
 /// | a stream whose first event is an error (`data: {"error": …}`) | next target |
 ///
@@ -291,7 +292,14 @@ impl Classify for DefaultClassifier {
                 headers,
                 body,
             } => self.classify_status(status, headers, body),
-            Outcome::ErrorEvent { .. } | Outcome::Error { .. } => Decision::NextTarget,
+            Outcome::ErrorEvent { .. } => Decision::NextTarget,
+            // An error the layer does not recognise as a transport failure (a local middleware's,
+            // a client's own bug) would fail the same way everywhere.
+            Outcome::Error {
+                kind: ErrorKind::Other,
+                ..
+            } => Decision::Return,
+            Outcome::Error { .. } => Decision::NextTarget,
         }
     }
 }

@@ -110,7 +110,9 @@ impl Prepared {
         let mut caller_credentials = Vec::new();
         for name in credentials {
             for value in headers.get_all(name) {
-                caller_credentials.push((name.clone(), value.clone()));
+                let mut value = value.clone();
+                value.set_sensitive(true);
+                caller_credentials.push((name.clone(), value));
             }
             headers.remove(name);
         }
@@ -308,6 +310,7 @@ mod tests {
             .forward_caller_credentials(true);
         let plan = p.attempt(&pass).unwrap();
         assert_eq!(plan.request.headers()["authorization"], "Bearer caller");
+        assert!(plan.request.headers()["authorization"].is_sensitive());
         assert_eq!(plan.request.headers()["content-length"], "0");
         let own = pass.bearer("mine").unwrap();
         let plan = p.attempt(&own).unwrap();

@@ -60,7 +60,10 @@ impl Target {
     /// A target at `base_url`, an absolute `http` or `https` URL with an optional path (no query,
     /// fragment or user info). Its name defaults to the URL's host.
     pub fn new(base_url: impl AsRef<str>) -> Result<Target, ConfigError> {
-        let raw = base_url.as_ref();
+        let given = base_url.as_ref();
+        // Error messages quote the URL without anything that may hold a key.
+        let shown = redacted(given);
+        let raw = shown.as_str();
         let field = "base_url";
         if !raw.contains("://") {
             return Err(ConfigError::new(
@@ -68,7 +71,7 @@ impl Target {
                 format!("{raw:?} is a relative URL; give scheme and host, e.g. https://api.openai.com/v1"),
             ));
         }
-        let uri: Uri = raw
+        let uri: Uri = given
             .parse()
             .map_err(|e| ConfigError::new(field, format!("{raw:?} is not a valid URL: {e}")))?;
         let scheme = match uri.scheme() {
@@ -187,6 +190,12 @@ impl Target {
                 format!("{name} carries a credential; use bearer() or api_key_header()"),
             ));
         }
+        if RESERVED_HEADERS.contains(&name.as_str()) {
+            return Err(ConfigError::new(
+                "header",
+                format!("{name} is set by the layer for each attempt and cannot be given"),
+            ));
+        }
         let value = HeaderValue::from_str(value.as_ref()).map_err(|_| {
             ConfigError::new(
                 "header",
@@ -239,6 +248,38 @@ impl Target {
             .build()
     }
 }
+
+/// A URL as error messages may show it: no user info, no query, no fragment.
+fn redacted(url: &str) -> String {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    let url = &url[..end];
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let authority_end = url[authority_start..]
+        .find('/')
+        .map_or(url.len(), |i| authority_start + i);
+    match url[authority_start..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}[user info]@{}",
+            &url[..authority_start],
+            &url[authority_start + at + 1..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Headers a target may not set: the layer computes them, or they belong to one hop.
+const RESERVED_HEADERS: [&str; 10] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
 
 fn parse_name(name: &str, field: &'static str) -> Result<HeaderName, ConfigError> {
     HeaderName::from_bytes(name.as_bytes())
@@ -300,11 +341,14 @@ mod tests {
             ("http://exa mple.com", "not a valid URL"),
             ("", "relative URL"),
             ("https://", "not a valid URL"),
+            ("https://x.example/v1?api-key=sk-123", "has a query"),
+            ("https://u:sk-456@exa mple.com", "not a valid URL"),
         ] {
             let err = Target::new(url).unwrap_err();
             assert_eq!(err.field(), "base_url");
             assert!(err.to_string().contains(needle), "{url}: {err}");
             assert!(!err.to_string().contains("pw@"), "{err}");
+            assert!(!err.to_string().contains("sk-"), "{err}");
         }
     }
 
@@ -324,9 +368,20 @@ mod tests {
             .bearer("sk-abc\n")
             .unwrap_err();
         assert!(!err.to_string().contains("sk-abc"), "{err}");
-        assert!(Target::new("https://a.example")
-            .unwrap()
-            .header("authorization", "x")
-            .is_err());
+        for reserved in [
+            "authorization",
+            "content-length",
+            "Transfer-Encoding",
+            "host",
+            "te",
+        ] {
+            assert!(
+                Target::new("https://a.example")
+                    .unwrap()
+                    .header(reserved, "x")
+                    .is_err(),
+                "{reserved}"
+            );
+        }
     }
 }

@@ -349,3 +349,80 @@ async fn a_closure_policy_sees_the_error_body_it_asked_for() {
     let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();
     assert_eq!((response.status().as_u16(), fallback.count()), (200, 1));
 }
+
+#[derive(Debug)]
+struct SigningFailed;
+impl std::fmt::Display for SigningFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("could not sign the request")
+    }
+}
+impl std::error::Error for SigningFailed {}
+
+#[tokio::test]
+async fn an_unrecognised_inner_error_is_returned_without_trying_the_next_target() {
+    let inner = routed(|| Box::pin(async { Err(SigningFailed.into()) }));
+    let svc = tower::Layer::layer(&in_process_layer(), inner);
+    let err = svc.oneshot(chat_request(CHAT)).await.unwrap_err();
+    assert_eq!(err.report().attempts().len(), 1);
+    assert!(!err.report().is_exhausted());
+    assert!(
+        err.to_string().contains("could not sign the request"),
+        "{err}"
+    );
+}
+
+/// A body that sends a little, then nothing ever again.
+struct Stalls(bool);
+impl http_body::Body for Stalls {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                b"{\"error\":",
+            )))))
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_body_that_stalls_is_classified_on_what_arrived_within_ten_seconds() {
+    let inner = tower::service_fn(|req: Request<ReplayBody>| async move {
+        let body = if req.uri().host() == Some("primary.test") {
+            http_body_util::Either::Left(Stalls(false))
+        } else {
+            http_body_util::Either::Right(Full::new(Bytes::from_static(b"ok")))
+        };
+        let status = if req.uri().host() == Some("primary.test") {
+            404
+        } else {
+            200
+        };
+        Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(body).unwrap())
+    });
+    let svc = tower::Layer::layer(&in_process_layer(), inner);
+    let started = tokio::time::Instant::now();
+    let response = svc.oneshot(chat_request(CHAT)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+    assert_eq!(
+        response.status(),
+        404,
+        "a partial body is no proof of model_not_found"
+    );
+    let mut body = response.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.into_data().unwrap(),
+        Bytes::from_static(b"{\"error\":"),
+        "what was read is handed on"
+    );
+}

@@ -144,6 +144,7 @@ fn model_id() -> impl Strategy<Value = String> {
         Just("gpt-4o-mini".to_owned()),
         Just("quote\"back\\slash".to_owned()),
         Just("ctrl\u{0}\u{1f}\n\t".to_owned()),
+        Just("\u{8}backspace\u{c}formfeed\u{7f}".to_owned()),
         Just("모델-é-😀".to_owned()),
         any::<String>(),
     ]

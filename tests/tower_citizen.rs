@@ -152,3 +152,57 @@ async fn dropping_the_response_future_closes_the_upstream_connection() {
     );
     assert_eq!(up.count(), 1);
 }
+
+/// Answers 503 to its first call, then fails to get ready (a dead buffer worker, say).
+#[derive(Clone)]
+struct DiesAfterOne {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<Request<ReplayBody>> for DiesAfterOne {
+    type Response = Response<Full<Bytes>>;
+    type Error = tower::BoxError;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        if self.calls.load(Ordering::SeqCst) == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Ready(Err("worker gone".into()))
+        }
+    }
+
+    fn call(&mut self, _: Request<ReplayBody>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::from_static(b"primary busy")))
+            .unwrap()))
+    }
+}
+
+#[tokio::test]
+async fn when_the_inner_service_dies_before_the_fallback_the_last_response_is_handed_back() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = two_in_process_targets().layer(DiesAfterOne {
+        calls: calls.clone(),
+    });
+    let response = svc.oneshot(chat_request(CHAT)).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let report = response
+        .extensions()
+        .get::<FallbackReport>()
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        report.attempts().len(),
+        1,
+        "no attempt is recorded that was never sent"
+    );
+    assert_eq!(report.served_by().unwrap().target_index(), 0);
+    assert_eq!(
+        &response.into_body().collect().await.unwrap().to_bytes()[..],
+        b"primary busy"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
