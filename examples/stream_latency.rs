@@ -41,7 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         std::future::pending(),
     ));
 
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // The measuring client sets TCP_NODELAY like the gateway's own client, so that neither path
+    // waits on Nagle's algorithm.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let direct_url = format!("http://{upstream}/v1/chat/completions");
     let gateway_url = format!("http://{gateway}/v1/chat/completions");
     // Warm both paths' connection pools.
@@ -99,6 +103,7 @@ async fn streaming_upstream() -> std::io::Result<std::net::SocketAddr> {
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
             let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
                 let _ = request.into_body().collect().await;
                 let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);

@@ -73,12 +73,15 @@ fn config_error(field: &'static str, problem: String) -> ConfigError {
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, ReplayBody>;
 
 pub fn https_client() -> HttpsClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true); // a proxy forwards small writes at once
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .build();
+        .wrap_connector(http);
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
