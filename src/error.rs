@@ -44,6 +44,7 @@ enum Kind {
     Request,
     Upstream,
     Unready,
+    Deadline,
 }
 
 impl FallbackError {
@@ -68,6 +69,14 @@ impl FallbackError {
             kind: Kind::Upstream,
             report,
             source: Some(source),
+        }
+    }
+
+    pub(crate) fn deadline(report: FallbackReport) -> Self {
+        FallbackError {
+            kind: Kind::Deadline,
+            report,
+            source: Some(Box::new(tower::timeout::error::Elapsed::new())),
         }
     }
 
@@ -116,12 +125,17 @@ impl FallbackError {
     /// Attempts were made and the last one failed without a response (or the inner service
     /// failed to become ready). The report lists every attempt.
     pub fn is_upstream(&self) -> bool {
-        matches!(self.kind, Kind::Upstream | Kind::Unready)
+        matches!(self.kind, Kind::Upstream | Kind::Unready | Kind::Deadline)
     }
 
-    /// Whether the last attempt timed out.
+    /// Whether the last attempt timed out, or the overall deadline passed.
     pub fn is_timeout(&self) -> bool {
-        self.last_kind() == Some(ErrorKind::Timeout)
+        self.is_deadline() || self.last_kind() == Some(ErrorKind::Timeout)
+    }
+
+    /// Whether the overall deadline passed with no response to hand back.
+    pub fn is_deadline(&self) -> bool {
+        matches!(self.kind, Kind::Deadline)
     }
 
     /// Whether the last attempt could not connect.
@@ -192,6 +206,18 @@ impl fmt::Display for FallbackError {
             Kind::Upstream if self.report.attempts.is_empty() => {
                 self.with_source(f, "the inner service failed before any attempt")
             }
+            Kind::Deadline => {
+                let n = self.report.attempts.len();
+                write!(
+                    f,
+                    "the overall deadline passed after {n} attempt{}:",
+                    if n == 1 { "" } else { "s" }
+                )?;
+                for (i, a) in self.report.attempts.iter().enumerate() {
+                    write!(f, "\n  {}. {a}", i + 1)?;
+                }
+                Ok(())
+            }
             Kind::Unready => {
                 let next = self.report.attempts.len() + 1;
                 self.with_source(
@@ -205,15 +231,16 @@ impl fmt::Display for FallbackError {
             }
             Kind::Upstream => {
                 let n = self.report.attempts.len();
+                let why = match self.report.stop {
+                    Some(crate::report::StopReason::Exhausted) => ", every target failed",
+                    Some(crate::report::StopReason::RetryBudget) => ", the retry budget is spent",
+                    Some(crate::report::StopReason::Deadline) => ", the overall deadline passed",
+                    _ => "",
+                };
                 write!(
                     f,
-                    "no response after {n} attempt{}{}:",
-                    if n == 1 { "" } else { "s" },
-                    if self.report.exhausted {
-                        ", every target failed"
-                    } else {
-                        ""
-                    }
+                    "no response after {n} attempt{}{why}:",
+                    if n == 1 { "" } else { "s" }
                 )?;
                 for (i, a) in self.report.attempts.iter().enumerate() {
                     write!(f, "\n  {}. {a}", i + 1)?;

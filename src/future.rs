@@ -5,23 +5,25 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Buf;
-use http::{request, response, Request, Response};
+use http::{request, response, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{Collector, ReplayBody, ResponseBody};
 use crate::error::{BoxError, FallbackError};
+use crate::health::{Admission, HealthOutcome, TargetId};
 use crate::layer::Shared;
 use crate::policy::{Decision, ErrorKind, Outcome};
-use crate::report::{Attempt, AttemptOutcome, FallbackReport};
+use crate::report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
 use crate::request::Prepared;
 use crate::sse;
 
 /// How long an error body may take to arrive when no first-byte timeout is set.
-const ERROR_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const ERROR_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 pin_project_lite::pin_project! {
     /// The response future of [`Fallback`](crate::Fallback).
@@ -41,6 +43,8 @@ pin_project_lite::pin_project! {
     enum State<B, F> {
         // Reading the caller's body.
         Collecting { #[pin] body: B },
+        // Backing off before retrying the same target.
+        Waiting { #[pin] sleep: tokio::time::Sleep },
         // Waiting for the inner service to be ready for the next attempt.
         Ready,
         // An attempt in flight.
@@ -61,19 +65,51 @@ struct Ctx<S, R: Body> {
     prepared: Option<Prepared>,
     failed: Option<FallbackError>,
     report: FallbackReport,
-    next: usize,
+    /// The targets to try, in order (every target's index, or, when all were cooling down,
+    /// sorted by how soon they recover).
+    order: Vec<usize>,
+    /// The next position in `order`.
+    cursor: usize,
+    /// Every target was cooling down: try them without asking the health store.
+    forced: bool,
+    /// The target of the next call, chosen (and admitted) but not yet called.
+    upcoming: Option<Upcoming>,
     current: Option<Current>,
+    /// Retries made on the current target, and its backoff delays.
+    retries_here: u32,
+    backoff: Option<backon::ExponentialBackoff>,
+    /// The overall deadline: when, and a timer that wakes us then.
+    deadline: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     peek: Option<Peek<R>>,
     /// The last response, dropped once the next attempt is sent.
     pending: Option<Peek<R>>,
 }
 
+/// A target chosen for the next call.
+#[derive(Clone, Copy)]
+struct Upcoming {
+    index: usize,
+    /// The health store admitted it: its outcome must be recorded there.
+    admitted: bool,
+}
+
 /// The attempt in flight.
 struct Current {
     index: usize,
+    admitted: bool,
     model: Option<Arc<str>>,
     substituted: bool,
     started: Instant,
+}
+
+/// What comes after an attempt that did not end the request.
+enum Plan {
+    /// Wait, then call the same target again.
+    Retry(Duration),
+    /// Call `upcoming`.
+    Call,
+    /// No further attempt.
+    Stop(Option<StopReason>),
 }
 
 /// A response whose body is being read before it is decided on.
@@ -177,11 +213,59 @@ where
                 prepared: None,
                 failed,
                 report: FallbackReport::default(),
-                next: 0,
+                order: Vec::new(),
+                cursor: 0,
+                forced: false,
+                upcoming: None,
                 current: None,
+                retries_here: 0,
+                backoff: None,
+                deadline: None,
                 peek: None,
                 pending: None,
             },
+        }
+    }
+}
+
+impl<S, R: Body> Drop for Ctx<S, R> {
+    fn drop(&mut self) {
+        // An admitted attempt that never reached an outcome (the caller dropped the future) must
+        // still release the target's probe.
+        let admitted = [
+            self.current.as_ref().map(|c| (c.index, c.admitted)),
+            self.upcoming.map(|u| (u.index, u.admitted)),
+        ];
+        for (index, _) in admitted.into_iter().flatten().filter(|(_, a)| *a) {
+            self.tell_health(index, HealthOutcome::Neutral);
+        }
+    }
+}
+
+impl<S, R: Body> Ctx<S, R> {
+    fn tell_health(&self, index: usize, outcome: HealthOutcome) {
+        if let (Some(health), Some(key)) = (&self.shared.health, self.shared.target_keys.get(index))
+        {
+            health.record(TargetId { index, key }, outcome);
+        }
+    }
+
+    fn target_id(&self, index: usize) -> Option<TargetId<'_>> {
+        let key = self.shared.target_keys.get(index)?;
+        Some(TargetId { index, key })
+    }
+
+    fn deadline_passed(&self) -> bool {
+        self.deadline
+            .as_ref()
+            .is_some_and(|(at, _)| Instant::now() >= *at)
+    }
+
+    /// Polls the deadline timer (registering a wake-up); true once it has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        match &mut self.deadline {
+            Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
+            None => false,
         }
     }
 }
@@ -193,21 +277,130 @@ where
     R: Body + Unpin,
     R::Error: Into<BoxError>,
 {
-    fn has_next(&self) -> bool {
-        self.next < self.shared.targets.len()
+    /// After the body is read: the order of targets, the budget deposit, the deadline timer, and
+    /// the first target.
+    fn start(&mut self, prepared: Prepared) -> Result<(), FallbackError> {
+        self.report.requested_model = prepared.requested_model.clone();
+        self.prepared = Some(prepared);
+        if let Some(budget) = &self.shared.budget {
+            budget.deposit();
+        }
+        if let Some(limit) = self.shared.deadline {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let at = Instant::now() + limit;
+                self.deadline = Some((at, Box::pin(tokio::time::sleep_until(at))));
+            }
+        }
+        let n = self.shared.targets.len();
+        self.order = (0..n).collect();
+        if let Some(health) = &self.shared.health {
+            let cooling: Vec<Duration> = (0..n)
+                .map(|i| {
+                    self.target_id(i)
+                        .map_or(Duration::ZERO, |id| health.cooling_for(id))
+                })
+                .collect();
+            if cooling.iter().all(|c| !c.is_zero()) {
+                // Every target is cooling down: try them anyway, soonest to recover first,
+                // rather than fail without a call.
+                self.forced = true;
+                self.order.sort_by_key(|i| cooling[*i]);
+            }
+        }
+        match self.choose_next() {
+            true => Ok(()),
+            false => Err(FallbackError::request("no target could be chosen".into())),
+        }
     }
 
-    /// Builds the next target's request and calls the (ready) inner service.
-    fn call_next(&mut self) -> Result<S::Future, FallbackError> {
-        let index = self.next;
-        self.next += 1;
+    /// Chooses the next target in `order` that the health store admits, recording the ones it
+    /// skips. Sets `upcoming`; false when none is left.
+    fn choose_next(&mut self) -> bool {
+        while let Some(&index) = self.order.get(self.cursor) {
+            self.cursor += 1;
+            if self.forced || self.shared.health.is_none() {
+                self.upcoming = Some(Upcoming {
+                    index,
+                    admitted: false,
+                });
+                return true;
+            }
+            if let Some(admitted) = self.admit(index) {
+                self.upcoming = Some(admitted);
+                return true;
+            }
+        }
+        // Everything left was cooling down and nothing was tried yet: try those anyway.
+        if self.report.attempts.is_empty() && !self.forced && !self.report.skipped.is_empty() {
+            self.forced = true;
+            let mut skipped: Vec<(Duration, usize)> = self
+                .report
+                .skipped
+                .iter()
+                .map(|s| (s.remaining, s.target_index))
+                .collect();
+            skipped.sort();
+            self.order = skipped.into_iter().map(|(_, i)| i).collect();
+            self.cursor = 0;
+            return self.choose_next();
+        }
+        false
+    }
+
+    /// Asks the health store whether `index` may be tried now; records a skip when it may not.
+    fn admit(&mut self, index: usize) -> Option<Upcoming> {
+        let (Some(health), Some(id)) = (&self.shared.health, self.target_id(index)) else {
+            return Some(Upcoming {
+                index,
+                admitted: false,
+            });
+        };
+        match health.admit(id) {
+            Admission::Open | Admission::Probe => Some(Upcoming {
+                index,
+                admitted: true,
+            }),
+            Admission::Cooling(remaining) => {
+                let target = self.shared.targets.get(index).map(|t| t.name.clone());
+                tracing::debug!(
+                    target: "tower_model_fallback",
+                    target_name = target.as_deref().unwrap_or("?"),
+                    remaining_ms = remaining.as_millis() as u64,
+                    "skipping a target that is cooling down",
+                );
+                self.report.skipped.push(Skip {
+                    target: target.unwrap_or_else(|| Arc::from("?")),
+                    target_index: index,
+                    remaining,
+                });
+                None
+            }
+        }
+    }
+
+    /// Builds the upcoming target's request and calls the (ready) inner service.
+    fn call_upcoming(&mut self) -> Result<S::Future, FallbackError> {
+        let Some(upcoming) = self.upcoming.take() else {
+            return Err(FallbackError::request("no target left to call".into()));
+        };
+        let index = upcoming.index;
         let (Some(prepared), Some(target)) = (&self.prepared, self.shared.targets.get(index))
         else {
             return Err(FallbackError::request("no target left to call".into()));
         };
-        let plan = prepared.attempt(target)?;
+        let plan = match prepared.attempt(target) {
+            Ok(plan) => plan,
+            Err(e) => {
+                if upcoming.admitted {
+                    self.tell_health(index, HealthOutcome::Neutral);
+                }
+                return Err(e);
+            }
+        };
+        self.pending = None;
         self.current = Some(Current {
             index,
+            admitted: upcoming.admitted,
             model: plan.model,
             substituted: plan.substituted,
             started: Instant::now(),
@@ -215,7 +408,16 @@ where
         Ok(self.inner.call(plan.request))
     }
 
-    /// Records the attempt in flight.
+    /// Tells the health store what the attempt in flight showed.
+    fn note_health(&self, outcome: HealthOutcome) {
+        if let Some(current) = &self.current {
+            if current.admitted || self.forced {
+                self.tell_health(current.index, outcome);
+            }
+        }
+    }
+
+    /// Records the attempt in flight in the report (and the log).
     fn record(&mut self, outcome: AttemptOutcome, decision: Decision) {
         let Some(current) = self.current.take() else {
             return;
@@ -256,9 +458,98 @@ where
                     "attempt failed; trying the next target"
                 )
             }
+            Decision::RetrySame => {
+                attempt_event!(
+                    tracing::Level::WARN,
+                    "attempt failed; retrying the same target"
+                )
+            }
             Decision::Return => attempt_event!(tracing::Level::DEBUG, "attempt done"),
         }
         self.report.push(attempt);
+    }
+
+    /// After an attempt the policy called `classified`: retry here, call the next target, or
+    /// stop. Records the attempt with what was done.
+    fn plan(
+        &mut self,
+        outcome: AttemptOutcome,
+        classified: Decision,
+        retry_after: Option<Duration>,
+    ) -> Plan {
+        if !classified.is_retryable() {
+            self.record(outcome, Decision::Return);
+            return Plan::Stop(None);
+        }
+        let Some(index) = self.current.as_ref().map(|c| c.index) else {
+            return Plan::Stop(None);
+        };
+        let retries = self.shared.retries;
+        if classified == Decision::RetrySame && self.retries_here < retries.per_target {
+            let wait = retry_after
+                .or_else(|| self.backoff.get_or_insert_with(|| retries.backoff()).next());
+            if let Some(wait) = wait.filter(|w| *w <= retries.max_wait) {
+                let within_deadline = self
+                    .deadline
+                    .as_ref()
+                    .is_none_or(|(at, _)| Instant::now() + wait < *at);
+                if !within_deadline {
+                    self.record(outcome, Decision::Return);
+                    return Plan::Stop(Some(StopReason::Deadline));
+                }
+                let again = if self.forced {
+                    Some(Upcoming {
+                        index,
+                        admitted: false,
+                    })
+                } else {
+                    self.admit(index)
+                };
+                if let Some(again) = again {
+                    if !self.withdraw() {
+                        self.release(again);
+                        self.record(outcome, Decision::Return);
+                        return Plan::Stop(Some(StopReason::RetryBudget));
+                    }
+                    self.upcoming = Some(again);
+                    self.retries_here += 1;
+                    self.record(outcome, Decision::RetrySame);
+                    return Plan::Retry(wait);
+                }
+                // The target's breaker opened: move on.
+            }
+        }
+        if !self.choose_next() {
+            self.record(outcome, Decision::NextTarget);
+            return Plan::Stop(Some(StopReason::Exhausted));
+        }
+        if self.deadline_passed() || !self.withdraw() {
+            let reason = if self.deadline_passed() {
+                StopReason::Deadline
+            } else {
+                StopReason::RetryBudget
+            };
+            if let Some(upcoming) = self.upcoming.take() {
+                self.release(upcoming);
+            }
+            self.record(outcome, Decision::Return);
+            return Plan::Stop(Some(reason));
+        }
+        self.retries_here = 0;
+        self.backoff = None;
+        self.record(outcome, Decision::NextTarget);
+        Plan::Call
+    }
+
+    fn withdraw(&self) -> bool {
+        self.shared.budget.as_ref().is_none_or(|b| b.withdraw())
+    }
+
+    /// Gives back an admission that will not be used.
+    fn release(&self, upcoming: Upcoming) {
+        if upcoming.admitted {
+            self.tell_health(upcoming.index, HealthOutcome::Neutral);
+        }
     }
 
     /// The policy's decision on a response head (and the start of its body, when read).
@@ -294,7 +585,7 @@ where
             return Step::Read(Peek::new(response, Purpose::Commit));
         }
         let peek = Peek::new(response, Purpose::Classify);
-        self.conclude(peek, AttemptOutcome::Status(status), decision)
+        self.conclude(peek, AttemptOutcome::Status(status), decision, None)
     }
 
     /// Decides once the start of a body has been read (or failed, or timed out).
@@ -305,7 +596,7 @@ where
                 let bytes = contiguous(&peek.frames);
                 let prefix = &bytes[..bytes.len().min(self.shared.error_body_limit)];
                 let decision = self.decide(&peek.head, Some(prefix));
-                self.conclude(peek, AttemptOutcome::Status(status), decision)
+                self.conclude(peek, AttemptOutcome::Status(status), decision, Some(prefix))
             }
             (Purpose::Commit, Stop::Failed | Stop::TimedOut) => {
                 let timeout: BoxError = Box::new(tower::timeout::error::Elapsed::new());
@@ -324,7 +615,7 @@ where
                     kind,
                     message,
                 };
-                self.conclude(peek, outcome, decision)
+                self.conclude(peek, outcome, decision, None)
             }
             (Purpose::Commit, Stop::Enough) => {
                 let event = if peek.event_stream {
@@ -333,7 +624,12 @@ where
                     None
                 };
                 let Some(event) = event else {
-                    return self.conclude(peek, AttemptOutcome::Status(status), Decision::Return);
+                    return self.conclude(
+                        peek,
+                        AttemptOutcome::Status(status),
+                        Decision::Return,
+                        None,
+                    );
                 };
                 let decision = self.shared.classifier.classify(&Outcome::ErrorEvent {
                     status,
@@ -344,54 +640,138 @@ where
                     status,
                     code: crate::policy::error_code(&event),
                 };
-                self.conclude(peek, outcome, decision)
+                self.conclude(peek, outcome, decision, None)
             }
         }
     }
 
-    /// Records the attempt, then drops the response and goes on, or hands it back.
-    fn conclude(&mut self, peek: Peek<R>, outcome: AttemptOutcome, decision: Decision) -> Step<R> {
-        self.record(outcome, decision);
-        if decision == Decision::NextTarget && self.has_next() {
-            // Kept until the next attempt is actually sent: if the inner service fails to get
-            // ready, this is the last failure and goes back to the caller.
-            self.pending = Some(peek);
-            return Step::Next;
+    /// Tells the health store, plans what comes next, and either keeps the response (until the
+    /// next attempt is sent) or hands it back.
+    fn conclude(
+        &mut self,
+        peek: Peek<R>,
+        outcome: AttemptOutcome,
+        decision: Decision,
+        body: Option<&[u8]>,
+    ) -> Step<R> {
+        let status = peek.head.status;
+        let health = match (&outcome, decision) {
+            (AttemptOutcome::Status(s), Decision::Return) if s.as_u16() < 400 => {
+                HealthOutcome::Success
+            }
+            (_, Decision::Return) => HealthOutcome::Neutral,
+            _ => HealthOutcome::Failure {
+                at_least: self.cooldown_hint(status, &peek.head.headers, body),
+            },
+        };
+        self.note_health(health);
+        let retry_after = if decision.is_retryable() {
+            crate::retry::retry_after(&peek.head.headers)
+        } else {
+            None
+        };
+        match self.plan(outcome, decision, retry_after) {
+            Plan::Retry(wait) => {
+                self.pending = Some(peek);
+                Step::Wait(wait)
+            }
+            Plan::Call => {
+                // Kept until the next attempt is actually sent: if the inner service fails to
+                // get ready, this is the last failure and goes back to the caller.
+                self.pending = Some(peek);
+                Step::Next
+            }
+            Plan::Stop(reason) => Step::Done(self.hand_back(peek, reason)),
         }
-        self.report.exhausted = decision == Decision::NextTarget;
-        self.report.served = Some(self.report.attempts.len() - 1);
+    }
+
+    /// The cooldown a failed response asks for: a long one for an exhausted quota, else its
+    /// `Retry-After` on a 429 or 503.
+    fn cooldown_hint(
+        &self,
+        status: StatusCode,
+        headers: &http::HeaderMap,
+        body: Option<&[u8]>,
+    ) -> Option<Duration> {
+        if status == StatusCode::TOO_MANY_REQUESTS
+            && body.and_then(crate::policy::error_code).as_deref() == Some("insufficient_quota")
+        {
+            return Some(self.shared.quota_cooldown);
+        }
+        match status {
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+                crate::retry::retry_after(headers)
+            }
+            _ => None,
+        }
+    }
+
+    /// Hands a response back with the report.
+    fn hand_back(
+        &mut self,
+        peek: Peek<R>,
+        reason: Option<StopReason>,
+    ) -> Response<ResponseBody<R>> {
+        self.report.exhausted = reason == Some(StopReason::Exhausted);
+        self.report.stop = reason;
+        self.report.served = self.report.attempts.len().checked_sub(1);
         let mut response = peek.into_response(&self.report);
         response
             .extensions_mut()
             .insert(std::mem::take(&mut self.report));
-        Step::Done(response)
+        response
     }
 
     /// Decides on an inner error: go on, or end with it.
-    fn on_error(&mut self, error: BoxError) -> Result<(), FallbackError> {
+    fn on_error(&mut self, error: BoxError) -> Result<Step<R>, FallbackError> {
         let kind = ErrorKind::of(&*error);
         let decision = self.shared.classifier.classify(&Outcome::Error {
             kind,
             error: &*error,
         });
-        self.record(
-            AttemptOutcome::Error {
-                kind,
-                message: error_chain(&*error),
-            },
-            decision,
-        );
-        if decision == Decision::NextTarget && self.has_next() {
-            return Ok(());
+        self.note_health(if decision.is_retryable() {
+            HealthOutcome::Failure { at_least: None }
+        } else {
+            HealthOutcome::Neutral
+        });
+        let outcome = AttemptOutcome::Error {
+            kind,
+            message: error_chain(&*error),
+        };
+        match self.plan(outcome, decision, None) {
+            Plan::Retry(wait) => Ok(Step::Wait(wait)),
+            Plan::Call => Ok(Step::Next),
+            Plan::Stop(reason) => {
+                self.report.exhausted = reason == Some(StopReason::Exhausted);
+                self.report.stop = reason;
+                let report = std::mem::take(&mut self.report);
+                Err(FallbackError::upstream(error, report))
+            }
         }
-        self.report.exhausted = decision == Decision::NextTarget;
-        Err(FallbackError::upstream(
-            error,
-            std::mem::take(&mut self.report),
-        ))
     }
 
-    /// A timer for reading a body, when a first-byte timeout is set.
+    /// The overall deadline passed while waiting: the last failure is the outcome.
+    fn on_deadline(&mut self) -> Result<Response<ResponseBody<R>>, FallbackError> {
+        if let Some(upcoming) = self.upcoming.take() {
+            self.release(upcoming);
+        }
+        if self.current.is_some() {
+            // The attempt in flight is cancelled.
+            self.note_health(HealthOutcome::Neutral);
+            let outcome = AttemptOutcome::Error {
+                kind: ErrorKind::Timeout,
+                message: "the overall deadline passed".to_owned(),
+            };
+            self.record(outcome, Decision::Return);
+        }
+        if let Some(peek) = self.pending.take() {
+            return Ok(self.hand_back(peek, Some(StopReason::Deadline)));
+        }
+        self.report.stop = Some(StopReason::Deadline);
+        let report = std::mem::take(&mut self.report);
+        Err(FallbackError::deadline(report))
+    }
+
     fn timer(&self, purpose: Purpose) -> Option<tokio::time::Sleep> {
         let limit = match purpose {
             Purpose::Commit => self.shared.first_byte_timeout,
@@ -409,12 +789,7 @@ where
     /// Hands back the last response, kept while the next attempt waited for readiness.
     fn hand_back_pending(&mut self) -> Option<Response<ResponseBody<R>>> {
         let peek = self.pending.take()?;
-        self.report.served = Some(self.report.attempts.len().checked_sub(1)?);
-        let mut response = peek.into_response(&self.report);
-        response
-            .extensions_mut()
-            .insert(std::mem::take(&mut self.report));
-        Some(response)
+        Some(self.hand_back(peek, None))
     }
 }
 
@@ -422,6 +797,8 @@ where
 enum Step<R: Body> {
     /// Read the start of its body first.
     Read(Peek<R>),
+    /// Back off, then retry the same target.
+    Wait(Duration),
     /// Drop it and try the next target.
     Next,
     /// Hand it back.
@@ -445,6 +822,12 @@ where
             let timer = ctx.timer(peek.purpose);
             ctx.peek = Some(peek);
             state.set(State::Reading { timer });
+            None
+        }
+        Step::Wait(wait) => {
+            state.set(State::Waiting {
+                sleep: tokio::time::sleep(wait),
+            });
             None
         }
         Step::Next => {
@@ -473,7 +856,7 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     message
 }
 
-/// The bytes read from an error body, in one buffer (error paths only).
+/// The bytes read from a body, in one buffer (error paths and first chunks only).
 fn contiguous<D: Buf>(frames: &VecDeque<Frame<D>>) -> Vec<u8> {
     let mut out = Vec::new();
     for data in frames.iter().filter_map(Frame::data_ref) {
@@ -497,6 +880,15 @@ where
         let mut this = self.project();
         let ctx = this.ctx;
         loop {
+            // Past the overall deadline nothing new starts and nothing in flight continues.
+            let waiting = matches!(
+                this.state.as_mut().project(),
+                StateProj::Waiting { .. } | StateProj::Ready | StateProj::Calling { .. }
+            );
+            if waiting && ctx.poll_deadline(cx) {
+                this.state.set(State::Done);
+                return Poll::Ready(ctx.on_deadline());
+            }
             match this.state.as_mut().project() {
                 StateProj::Collecting { mut body } => {
                     let frame = ready!(body.as_mut().poll_frame(cx));
@@ -527,12 +919,11 @@ where
                                 }
                                 _ => Err(FallbackError::request("polled after completion".into())),
                             };
-                            let first = prepared.and_then(|p| {
-                                ctx.report.requested_model = p.requested_model.clone();
-                                ctx.prepared = Some(p);
-                                // The caller polled our readiness, hence the inner service's.
-                                ctx.call_next()
-                            });
+                            // The caller polled our readiness, hence the inner service's: the
+                            // first target is called at once.
+                            let first = prepared
+                                .and_then(|p| ctx.start(p))
+                                .and_then(|()| ctx.call_upcoming());
                             match first {
                                 Ok(future) => this.state.set(State::Calling { future }),
                                 Err(e) => {
@@ -543,19 +934,25 @@ where
                         }
                     }
                 }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
                 StateProj::Ready => {
                     if let Err(e) = ready!(ctx.inner.poll_ready(cx)) {
                         // A failed service cannot take the next attempt: the last failure is
                         // the outcome, its response if it had one.
                         this.state.set(State::Done);
+                        if let Some(upcoming) = ctx.upcoming.take() {
+                            ctx.release(upcoming);
+                        }
                         if let Some(response) = ctx.hand_back_pending() {
                             return Poll::Ready(Ok(response));
                         }
                         let report = std::mem::take(&mut ctx.report);
                         return Poll::Ready(Err(FallbackError::unready(e.into(), report)));
                     }
-                    ctx.pending = None;
-                    match ctx.call_next() {
+                    match ctx.call_upcoming() {
                         Ok(future) => this.state.set(State::Calling { future }),
                         Err(e) => {
                             this.state.set(State::Done);
@@ -568,7 +965,7 @@ where
                     let step = match ready!(future.poll(cx)) {
                         Ok(response) => ctx.on_response(response),
                         Err(e) => match ctx.on_error(e.into()) {
-                            Ok(()) => Step::Next,
+                            Ok(step) => step,
                             Err(error) => {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(error));
@@ -581,6 +978,7 @@ where
                 }
                 StateProj::Reading { mut timer } => {
                     let limit = ctx.shared.error_body_limit;
+                    let deadline_passed = ctx.poll_deadline(cx);
                     let Some(peek) = ctx.peek.as_mut() else {
                         this.state.set(State::Done);
                         continue;
@@ -592,6 +990,10 @@ where
                             } else {
                                 Stop::Enough
                             };
+                        }
+                        if deadline_passed {
+                            // Decide on what has arrived; no attempt follows (see `plan`).
+                            break Stop::Enough;
                         }
                         match Pin::new(&mut peek.body).poll_frame(cx) {
                             Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {

@@ -5,8 +5,14 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
+use std::time::Duration;
+
+use tower::retry::budget::Budget;
+
 use crate::error::ConfigError;
+use crate::health::{Cooldowns, HealthStore};
 use crate::policy::{Classify, DefaultClassifier};
+use crate::retry::Retries;
 use crate::service::Fallback;
 use crate::target::Target;
 
@@ -50,6 +56,13 @@ pub(crate) struct Shared {
     pub(crate) error_body_limit: usize,
     pub(crate) wait_for_first_chunk: bool,
     pub(crate) first_byte_timeout: Option<std::time::Duration>,
+    pub(crate) retries: Retries,
+    pub(crate) health: Option<Arc<dyn HealthStore>>,
+    /// `name|base_url|model` for each target: how a shared health store names it.
+    pub(crate) target_keys: Arc<[Box<str>]>,
+    pub(crate) quota_cooldown: Duration,
+    pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
+    pub(crate) deadline: Option<Duration>,
 }
 
 impl FallbackLayer {
@@ -62,6 +75,18 @@ impl FallbackLayer {
                 "at least one target is required",
             ));
         }
+        let target_keys = targets
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}|{}|{}",
+                    t.name,
+                    t.base_url(),
+                    t.get_model().unwrap_or("")
+                )
+                .into_boxed_str()
+            })
+            .collect();
         Ok(FallbackLayer {
             shared: Arc::new(Shared {
                 credential_names: crate::request::credential_names(&targets).into(),
@@ -71,6 +96,12 @@ impl FallbackLayer {
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
                 wait_for_first_chunk: true,
                 first_byte_timeout: None,
+                retries: Retries::default(),
+                health: None,
+                target_keys,
+                quota_cooldown: Cooldowns::new().settings().quota_cooldown,
+                budget: None,
+                deadline: None,
             }),
         })
     }
@@ -108,6 +139,59 @@ impl FallbackLayer {
     /// Needs a tokio runtime with its time driver.
     pub fn first_byte_timeout(mut self, timeout: std::time::Duration) -> Self {
         Arc::make_mut(&mut self.shared).first_byte_timeout = Some(timeout);
+        self
+    }
+
+    /// Retries on the same target before moving on (default: none). See [`Retries`].
+    pub fn retries(mut self, retries: Retries) -> Self {
+        Arc::make_mut(&mut self.shared).retries = retries;
+        self
+    }
+
+    /// Skips targets that keep failing, for a while, in every clone of the service (default:
+    /// off). See [`Cooldowns`].
+    pub fn cooldowns(mut self, cooldowns: Cooldowns) -> Self {
+        let n = self.shared.targets.len();
+        let shared = Arc::make_mut(&mut self.shared);
+        shared.quota_cooldown = cooldowns.settings().quota_cooldown;
+        shared.health = Some(Arc::new(cooldowns.for_targets(n)));
+        self
+    }
+
+    /// Keeps cooldowns in a store of your own (shared between processes, say) instead of
+    /// [`Cooldowns`]. `quota_cooldown` is the cooldown asked for after a 429
+    /// `insufficient_quota`.
+    pub fn health_store(mut self, store: impl HealthStore, quota_cooldown: Duration) -> Self {
+        let shared = Arc::make_mut(&mut self.shared);
+        shared.quota_cooldown = quota_cooldown;
+        shared.health = Some(Arc::new(store));
+        self
+    }
+
+    /// Limits retries and fallbacks to a share of recent requests (default: no limit), with
+    /// tower's [`TpsBudget`](tower::retry::budget::TpsBudget) or any
+    /// [`Budget`](tower::retry::budget::Budget). Each request deposits once; each attempt after
+    /// the first withdraws. When the budget is spent, the failure in hand goes back to the caller
+    /// and the report says why ([`StopReason::RetryBudget`](crate::StopReason::RetryBudget)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::retry::budget::TpsBudget;
+    /// # use tower_model_fallback::{FallbackLayer, Target};
+    /// # let layer = FallbackLayer::new([Target::new("http://a.example").unwrap()]).unwrap();
+    /// // Retries and fallbacks up to 20 % of the requests of the last 10 s, plus 1 a second.
+    /// let layer = layer.retry_budget(TpsBudget::new(Duration::from_secs(10), 1, 0.2));
+    /// ```
+    pub fn retry_budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        Arc::make_mut(&mut self.shared).budget = Some(Arc::new(budget));
+        self
+    }
+
+    /// An overall deadline for each request, from its first attempt (default: none): no attempt
+    /// starts after it, and the attempt in flight is cancelled when it passes. Then the last
+    /// response is handed back, or an error ([`FallbackError::is_deadline`](crate::FallbackError::is_deadline)).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        Arc::make_mut(&mut self.shared).deadline = Some(deadline);
         self
     }
 

@@ -106,11 +106,13 @@ mod body;
 mod config;
 mod error;
 mod future;
+mod health;
 mod json;
 mod layer;
 mod policy;
 mod report;
 mod request;
+mod retry;
 mod service;
 mod sse;
 mod target;
@@ -119,11 +121,13 @@ pub use body::{ReplayBody, ResponseBody};
 pub use config::{FallbackConfig, TargetConfig};
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
+pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
 pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
-pub use report::{Attempt, AttemptOutcome, FallbackReport};
+pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
+pub use retry::Retries;
 pub use service::Fallback;
 pub use target::Target;
 

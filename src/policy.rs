@@ -14,8 +14,20 @@ pub enum Decision {
     /// Hand this outcome to the caller: it is a success, or a failure that no other target can
     /// fix (the request itself is wrong).
     Return,
-    /// Try the next target with the same request.
+    /// Try the next target with the same request: the failure belongs to this target or model
+    /// (the model is missing here, its quota is spent, its context window is too small).
     NextTarget,
+    /// A transient failure (rate limit, overload, 5xx, timeout, dropped connection): retry this
+    /// target when [`Retries`](crate::Retries) allows, otherwise move on as for
+    /// [`NextTarget`](Decision::NextTarget). Reports show which of the two the layer did.
+    RetrySame,
+}
+
+impl Decision {
+    /// Whether another attempt (here or elsewhere) could succeed.
+    pub fn is_retryable(self) -> bool {
+        !matches!(self, Decision::Return)
+    }
 }
 
 impl fmt::Display for Decision {
@@ -23,6 +35,7 @@ impl fmt::Display for Decision {
         f.write_str(match self {
             Decision::Return => "return",
             Decision::NextTarget => "next target",
+            Decision::RetrySame => "retry same target",
         })
     }
 }
@@ -183,14 +196,16 @@ pub trait Classify: Send + Sync + 'static {
 /// | outcome | decision |
 /// |---|---|
 /// | 1xx, 2xx, 3xx | return |
-/// | `x-should-retry: false` / `true` on a 4xx or 5xx | return / next target |
+/// | `x-should-retry: false` / `true` on a 4xx or 5xx | return / retry same |
 /// | 404 with `model_not_found` in its error body | next target |
-/// | 408, 409, 429, every 5xx | next target |
+/// | 429 with `insufficient_quota` in its error body | next target |
+/// | 408, 409, 429, every 5xx | retry same (next target when no retries are left) |
+/// | opt-in: 400 `context_length_exceeded`, 400 content-policy refusal | next target |
 /// | every other 4xx (400, 401, 403, 404, 405, 413, 415, 422, …) | return |
-/// | an inner error: timeout, connect, closed/reset, overloaded, other I/O | next target |
+/// | an inner error: timeout, connect, closed/reset, overloaded, other I/O | retry same |
 /// | an inner error of a kind not recognised ([`ErrorKind::Other`]) | return (as an error) |
-/// | a success whose body fails, or times out, before its first byte | next target |
-/// | a stream whose first event is an error (`data: {"error": …}`) | next target |
+/// | a success whose body fails, or times out, before its first byte | retry same |
+/// | a stream whose first event is an error (`data: {"error": …}`) | retry same |
 ///
 /// Status sets override the table (and the `x-should-retry` header):
 ///
@@ -206,13 +221,37 @@ pub trait Classify: Send + Sync + 'static {
 /// assert_eq!(policy.classify(&outcome(StatusCode::FORBIDDEN)), Decision::NextTarget);
 /// assert_eq!(policy.classify(&outcome(StatusCode::NOT_IMPLEMENTED)), Decision::Return);
 /// assert_eq!(policy.classify(&outcome(StatusCode::UNAUTHORIZED)), Decision::Return);
-/// assert_eq!(policy.classify(&outcome(StatusCode::TOO_MANY_REQUESTS)), Decision::NextTarget);
+/// assert_eq!(policy.classify(&outcome(StatusCode::TOO_MANY_REQUESTS)), Decision::RetrySame);
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct DefaultClassifier {
     next_target_on: Vec<StatusCode>,
     return_on: Vec<StatusCode>,
     ignore_should_retry: bool,
+    context_length: bool,
+    content_policy: bool,
+}
+
+/// Error codes of content-policy refusals (OpenAI, Azure OpenAI).
+const CONTENT_POLICY_CODES: [&str; 3] = [
+    "content_policy_violation",
+    "content_filter",
+    "content_filtered",
+];
+
+/// Whether an error body says the prompt exceeds the model's context window.
+fn is_context_length(body: &[u8]) -> bool {
+    if error_code(body).as_deref() == Some("context_length_exceeded") {
+        return true;
+    }
+    let value: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let message = value.as_ref().and_then(|v| {
+        v.get("error")?
+            .get("message")?
+            .as_str()
+            .map(str::to_ascii_lowercase)
+    });
+    message.is_some_and(|m| m.contains("maximum context length") || m.contains("context window"))
 }
 
 impl DefaultClassifier {
@@ -262,24 +301,52 @@ impl DefaultClassifier {
         }
         if !self.ignore_should_retry {
             match headers.get("x-should-retry").map(|v| v.as_bytes()) {
-                Some(b"true") => return Decision::NextTarget,
+                Some(b"true") => return Decision::RetrySame,
                 Some(b"false") => return Decision::Return,
                 _ => {}
             }
         }
+        let code = body.and_then(error_code);
+        let code = code.as_deref();
         match status.as_u16() {
-            404 if body.is_some_and(|b| error_code(b).as_deref() == Some("model_not_found")) => {
+            404 if code == Some("model_not_found") => Decision::NextTarget,
+            // A spent quota will not come back on a retry; another provider may have one.
+            429 if code == Some("insufficient_quota") => Decision::NextTarget,
+            400 if self.context_length && body.is_some_and(is_context_length) => {
                 Decision::NextTarget
             }
-            408 | 409 | 429 | 500..=599 => Decision::NextTarget,
+            400 if self.content_policy && CONTENT_POLICY_CODES.contains(&code.unwrap_or("")) => {
+                Decision::NextTarget
+            }
+            408 | 409 | 429 | 500..=599 => Decision::RetrySame,
             _ => Decision::Return,
         }
+    }
+
+    /// Opt-in: a 400 saying the prompt is longer than the model's context window
+    /// (`context_length_exceeded`) moves on to the next target, whose model may have a larger one.
+    pub fn fall_back_on_context_length(mut self, on: bool) -> Self {
+        self.context_length = on;
+        self
+    }
+
+    /// Opt-in: a 400 content-policy refusal (`content_policy_violation`, `content_filter`) moves
+    /// on to the next target. Routing around a provider's safety refusal must be a deliberate
+    /// choice: it is never the default.
+    pub fn fall_back_on_content_policy(mut self, on: bool) -> Self {
+        self.content_policy = on;
+        self
     }
 }
 
 impl Classify for DefaultClassifier {
     fn wants_body(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        status == StatusCode::NOT_FOUND
+        let reads = match status.as_u16() {
+            404 | 429 => true,
+            400 => self.context_length || self.content_policy,
+            _ => false,
+        };
+        reads
             && !self.next_target_on.contains(&status)
             && !self.return_on.contains(&status)
             && (self.ignore_should_retry || !headers.contains_key("x-should-retry"))
@@ -292,14 +359,14 @@ impl Classify for DefaultClassifier {
                 headers,
                 body,
             } => self.classify_status(status, headers, body),
-            Outcome::ErrorEvent { .. } => Decision::NextTarget,
+            Outcome::ErrorEvent { .. } => Decision::RetrySame,
             // An error the layer does not recognise as a transport failure (a local middleware's,
             // a client's own bug) would fail the same way everywhere.
             Outcome::Error {
                 kind: ErrorKind::Other,
                 ..
             } => Decision::Return,
-            Outcome::Error { .. } => Decision::NextTarget,
+            Outcome::Error { .. } => Decision::RetrySame,
         }
     }
 }
@@ -437,8 +504,11 @@ mod tests {
         for s in [
             408, 409, 429, 500, 501, 502, 503, 504, 520, 521, 522, 523, 524, 529, 599,
         ] {
-            assert_eq!(decide(s, &[], None), NextTarget, "{s}");
+            assert_eq!(decide(s, &[], None), RetrySame, "{s}");
         }
+        let quota =
+            br#"{"error":{"code":"insufficient_quota","message":"You exceeded your quota"}}"#;
+        assert_eq!(decide(429, &[], Some(quota)), NextTarget);
         let not_found = br#"{"error":{"code":"model_not_found","message":"no"}}"#;
         assert_eq!(decide(404, &[], Some(not_found)), NextTarget);
         assert_eq!(
@@ -446,11 +516,43 @@ mod tests {
             Return
         );
         assert_eq!(decide(503, &[("x-should-retry", "false")], None), Return);
-        assert_eq!(decide(400, &[("x-should-retry", "true")], None), NextTarget);
+        assert_eq!(decide(400, &[("x-should-retry", "true")], None), RetrySame);
         assert_eq!(decide(200, &[("x-should-retry", "true")], None), Return);
         assert_eq!(
             decide(404, &[("x-should-retry", "false")], Some(not_found)),
             Return
+        );
+    }
+
+    #[test]
+    fn context_length_and_content_policy_fall_back_only_when_asked() {
+        let long = br#"{"error":{"message":"This model's maximum context length is 8192 tokens","type":"invalid_request_error","code":"context_length_exceeded"}}"#;
+        let refusal = br#"{"error":{"message":"blocked","type":"invalid_request_error","code":"content_policy_violation"}}"#;
+        let outcome = |body: &'static [u8]| {
+            static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+            Outcome::Response {
+                status: StatusCode::BAD_REQUEST,
+                headers: EMPTY.get_or_init(HeaderMap::new),
+                body: Some(body),
+            }
+        };
+        let default = DefaultClassifier::new();
+        assert!(!default.wants_body(StatusCode::BAD_REQUEST, &HeaderMap::new()));
+        assert_eq!(default.classify(&outcome(long)), Decision::Return);
+        assert_eq!(default.classify(&outcome(refusal)), Decision::Return);
+        let opted = DefaultClassifier::new()
+            .fall_back_on_context_length(true)
+            .fall_back_on_content_policy(true);
+        assert!(opted.wants_body(StatusCode::BAD_REQUEST, &HeaderMap::new()));
+        assert_eq!(opted.classify(&outcome(long)), Decision::NextTarget);
+        assert_eq!(opted.classify(&outcome(refusal)), Decision::NextTarget);
+        let only_length = DefaultClassifier::new().fall_back_on_context_length(true);
+        assert_eq!(only_length.classify(&outcome(refusal)), Decision::Return);
+        let by_message =
+            br#"{"error":{"message":"prompt exceeds the context window of this model"}}"#;
+        assert_eq!(
+            only_length.classify(&outcome(by_message)),
+            Decision::NextTarget
         );
     }
 

@@ -29,6 +29,8 @@ pub struct FallbackReport {
     pub(crate) served: Option<usize>,
     pub(crate) exhausted: bool,
     pub(crate) requested_model: Option<Arc<str>>,
+    pub(crate) skipped: Vec<Skip>,
+    pub(crate) stop: Option<StopReason>,
     /// Shared with the response body, which records a failure after the commit point.
     pub(crate) stream_error: Arc<OnceLock<String>>,
 }
@@ -54,6 +56,18 @@ impl FallbackReport {
         self.exhausted
     }
 
+    /// Targets passed over because they were cooling down, in the order they were considered.
+    pub fn skipped(&self) -> &[Skip] {
+        &self.skipped
+    }
+
+    /// Why the layer stopped trying while a further attempt could have helped: every target
+    /// was tried, the retry budget was spent, or the overall deadline passed. `None` when the
+    /// outcome was not a retryable failure.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
     /// The model the caller's body asked for (its top-level `"model"` string), if any.
     pub fn requested_model(&self) -> Option<&str> {
         self.requested_model.as_deref()
@@ -77,13 +91,83 @@ impl FallbackReport {
 
 impl fmt::Display for FallbackReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        let mut line = |f: &mut fmt::Formatter<'_>| {
+            let sep = if first { "" } else { "\n" };
+            first = false;
+            f.write_str(sep)
+        };
+        for skip in &self.skipped {
+            line(f)?;
+            write!(f, "skipped {skip}")?;
+        }
         for (i, a) in self.attempts.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
+            line(f)?;
             write!(f, "{}. {a}", i + 1)?;
         }
+        if let Some(stop) = self.stop.filter(|s| *s != StopReason::Exhausted) {
+            line(f)?;
+            write!(f, "stopped: {stop}")?;
+        }
         Ok(())
+    }
+}
+
+/// A target passed over because it was cooling down.
+#[derive(Debug, Clone)]
+pub struct Skip {
+    pub(crate) target: Arc<str>,
+    pub(crate) target_index: usize,
+    pub(crate) remaining: Duration,
+}
+
+impl Skip {
+    /// The target's name.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// The target's position in the layer's list.
+    pub fn target_index(&self) -> usize {
+        self.target_index
+    }
+
+    /// How long it was still to cool down (zero while another request probed it).
+    pub fn remaining(&self) -> Duration {
+        self.remaining
+    }
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: cooling down for {:.1?} more",
+            self.target, self.remaining
+        )
+    }
+}
+
+/// Why the layer stopped while the last failure was retryable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StopReason {
+    /// Every target was tried.
+    Exhausted,
+    /// The retry budget was spent: retries and fallbacks are limited to a share of recent
+    /// requests, so an outage cannot multiply load.
+    RetryBudget,
+    /// The overall deadline passed.
+    Deadline,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StopReason::Exhausted => "every target was tried",
+            StopReason::RetryBudget => "the retry budget is spent",
+            StopReason::Deadline => "the overall deadline passed",
+        })
     }
 }
 

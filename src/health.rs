@@ -1,0 +1,292 @@
+//! Cooldowns: a circuit breaker per target, shared by every clone of the service, behind a small
+//! trait ([`HealthStore`]) so that a store shared by several processes can be plugged in.
+
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Which target a [`HealthStore`] is asked about: its position in the layer's list and a key
+/// that names it across processes (`name|base_url|model`).
+#[derive(Debug, Clone, Copy)]
+pub struct TargetId<'a> {
+    /// The target's position in the layer's list.
+    pub index: usize,
+    /// A stable key for the target.
+    pub key: &'a str,
+}
+
+/// Whether an attempt on a target may go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The target is healthy.
+    Open,
+    /// The target's cooldown has ended and this attempt is its one probe: its outcome closes the
+    /// breaker (success) or starts a new cooldown (failure).
+    Probe,
+    /// The target is cooling down for this much longer (zero while another request probes it).
+    Cooling(Duration),
+}
+
+/// What an attempt on a target showed about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthOutcome {
+    /// It answered well.
+    Success,
+    /// It failed in a way that is its own (rate limit, overload, 5xx, transport, missing model).
+    /// `at_least` is a cooldown the target asked for (`Retry-After`) or earned (exhausted quota).
+    Failure {
+        /// The shortest cooldown this failure calls for, whatever the failure count.
+        at_least: Option<Duration>,
+    },
+    /// Nothing learned: the caller's own mistake, or an attempt dropped before its outcome.
+    Neutral,
+}
+
+/// The cooldown state of every target of a layer, shared by all its clones.
+///
+/// [`Cooldowns`] is the in-memory implementation. An implementation shared between processes
+/// must keep the two rules: a cooldown is only ever extended, never shortened, by a later failure;
+/// and after a cooldown, one attempt (the probe) is admitted until its outcome is recorded.
+pub trait HealthStore: Send + Sync + 'static {
+    /// Called right before an attempt on `target`. Every admitted attempt (`Open` or `Probe`) is
+    /// followed by exactly one [`record`](HealthStore::record).
+    fn admit(&self, target: TargetId<'_>) -> Admission;
+
+    /// How long `target` still cools down (zero when it is available), without side effects.
+    fn cooling_for(&self, target: TargetId<'_>) -> Duration;
+
+    /// The outcome of an attempt on `target`.
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome);
+}
+
+/// In-memory cooldowns: after `failures` failures within `window`, or a failure that asks for a
+/// cooldown (`Retry-After` on a 429 or 503, an exhausted quota), a target is skipped for
+/// `cooldown` (or longer, when asked); then one probe goes through, and its success closes the
+/// breaker. A failure while cooling (or of the probe) extends the cooldown, never shortens it.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_model_fallback::Cooldowns;
+///
+/// let cooldowns = Cooldowns::new()
+///     .failures(3)
+///     .window(Duration::from_secs(60))
+///     .cooldown(Duration::from_secs(30))
+///     .quota_cooldown(Duration::from_secs(15 * 60));
+/// # let _ = cooldowns;
+/// ```
+pub struct Cooldowns {
+    settings: CooldownSettings,
+    targets: Vec<Mutex<TargetHealth>>,
+}
+
+/// The tunables of [`Cooldowns`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CooldownSettings {
+    pub(crate) failures: u32,
+    pub(crate) window: Duration,
+    pub(crate) cooldown: Duration,
+    pub(crate) quota_cooldown: Duration,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct TargetHealth {
+    failures: u32,
+    first_failure: Option<Instant>,
+    open_until: Option<Instant>,
+    probing: bool,
+}
+
+impl Default for Cooldowns {
+    fn default() -> Self {
+        Cooldowns::new()
+    }
+}
+
+impl fmt::Debug for Cooldowns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cooldowns")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Cooldowns {
+    /// Defaults: 3 failures within 60 s open the breaker for 30 s; an exhausted quota
+    /// (`insufficient_quota`) for 15 minutes.
+    pub fn new() -> Self {
+        Cooldowns {
+            settings: CooldownSettings {
+                failures: 3,
+                window: Duration::from_secs(60),
+                cooldown: Duration::from_secs(30),
+                quota_cooldown: Duration::from_secs(15 * 60),
+            },
+            targets: Vec::new(),
+        }
+    }
+
+    /// Consecutive failures (within the window) that open the breaker (at least 1).
+    pub fn failures(mut self, n: u32) -> Self {
+        self.settings.failures = n.max(1);
+        self
+    }
+
+    /// The window in which failures are counted.
+    pub fn window(mut self, window: Duration) -> Self {
+        self.settings.window = window;
+        self
+    }
+
+    /// How long an open breaker skips the target.
+    pub fn cooldown(mut self, cooldown: Duration) -> Self {
+        self.settings.cooldown = cooldown;
+        self
+    }
+
+    /// How long a target that answered 429 `insufficient_quota` is skipped.
+    pub fn quota_cooldown(mut self, cooldown: Duration) -> Self {
+        self.settings.quota_cooldown = cooldown;
+        self
+    }
+
+    pub(crate) fn settings(&self) -> CooldownSettings {
+        self.settings
+    }
+
+    /// Sized for `targets` targets (the layer does this when it is built).
+    pub(crate) fn for_targets(mut self, targets: usize) -> Self {
+        self.targets = (0..targets).map(|_| Mutex::default()).collect();
+        self
+    }
+
+    fn with<T>(&self, index: usize, f: impl FnOnce(&mut TargetHealth, Instant) -> T) -> Option<T> {
+        let slot = self.targets.get(index)?;
+        // A poisoned lock only means another thread panicked mid-update; the state is still a
+        // valid value, so keep using it.
+        let mut state = slot.lock().unwrap_or_else(|e| e.into_inner());
+        Some(f(&mut state, Instant::now()))
+    }
+}
+
+impl HealthStore for Cooldowns {
+    fn admit(&self, target: TargetId<'_>) -> Admission {
+        self.with(target.index, |s, now| match s.open_until {
+            None => Admission::Open,
+            Some(until) if now < until => Admission::Cooling(until - now),
+            Some(_) if s.probing => Admission::Cooling(Duration::ZERO),
+            Some(_) => {
+                s.probing = true;
+                Admission::Probe
+            }
+        })
+        .unwrap_or(Admission::Open)
+    }
+
+    fn cooling_for(&self, target: TargetId<'_>) -> Duration {
+        self.with(target.index, |s, now| {
+            s.open_until
+                .map_or(Duration::ZERO, |u| u.saturating_duration_since(now))
+        })
+        .unwrap_or(Duration::ZERO)
+    }
+
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome) {
+        let settings = self.settings;
+        self.with(target.index, |s, now| match outcome {
+            HealthOutcome::Success => *s = TargetHealth::default(),
+            HealthOutcome::Neutral => s.probing = false,
+            HealthOutcome::Failure { at_least } => {
+                let in_window = s
+                    .first_failure
+                    .is_some_and(|first| now.saturating_duration_since(first) <= settings.window);
+                if !in_window {
+                    s.failures = 0;
+                    s.first_failure = Some(now);
+                }
+                s.failures = s.failures.saturating_add(1);
+                let mut until = s.open_until;
+                let mut extend = |d: Duration| {
+                    let candidate = now + d;
+                    until = Some(until.map_or(candidate, |u| u.max(candidate)));
+                };
+                if let Some(d) = at_least {
+                    extend(d);
+                }
+                // Reaching the threshold opens the breaker; a failure while open (a probe, or an
+                // attempt made because every target was cooling) extends it.
+                if s.failures >= settings.failures || s.open_until.is_some() {
+                    extend(settings.cooldown);
+                }
+                s.open_until = until;
+                s.probing = false;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(index: usize) -> TargetId<'static> {
+        TargetId { index, key: "t" }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_after_n_failures_then_admits_one_probe() {
+        let c = Cooldowns::new()
+            .failures(2)
+            .cooldown(Duration::from_secs(30))
+            .for_targets(1);
+        let fail = HealthOutcome::Failure { at_least: None };
+        c.record(id(0), fail);
+        assert_eq!(c.admit(id(0)), Admission::Open);
+        c.record(id(0), fail);
+        assert_eq!(c.admit(id(0)), Admission::Cooling(Duration::from_secs(30)));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(c.admit(id(0)), Admission::Probe);
+        assert_eq!(
+            c.admit(id(0)),
+            Admission::Cooling(Duration::ZERO),
+            "one probe at a time"
+        );
+        c.record(id(0), HealthOutcome::Success);
+        assert_eq!(c.admit(id(0)), Admission::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_shorter_cooldown_never_shortens_a_longer_one() {
+        let c = Cooldowns::new()
+            .cooldown(Duration::from_secs(5))
+            .for_targets(1);
+        c.record(
+            id(0),
+            HealthOutcome::Failure {
+                at_least: Some(Duration::from_secs(120)),
+            },
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        c.record(
+            id(0),
+            HealthOutcome::Failure {
+                at_least: Some(Duration::from_secs(1)),
+            },
+        );
+        assert_eq!(c.cooling_for(id(0)), Duration::from_secs(110));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_outside_the_window_start_a_new_count() {
+        let c = Cooldowns::new()
+            .failures(2)
+            .window(Duration::from_secs(10))
+            .for_targets(1);
+        c.record(id(0), HealthOutcome::Failure { at_least: None });
+        tokio::time::advance(Duration::from_secs(11)).await;
+        c.record(id(0), HealthOutcome::Failure { at_least: None });
+        assert_eq!(c.admit(id(0)), Admission::Open);
+    }
+}

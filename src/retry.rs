@@ -1,0 +1,174 @@
+//! Same-target retries: how many, how long to wait (exponential backoff with jitter, or what the
+//! upstream asked for in `retry-after-ms` / `retry-after`), and when to move on instead.
+
+use std::time::{Duration, SystemTime};
+
+use backon::BackoffBuilder;
+use http::HeaderMap;
+
+/// Retries on the same target before moving on (default: none).
+///
+/// A failure the policy calls [`RetrySame`](crate::Decision::RetrySame) (a 429, a 5xx, a
+/// timeout, a dropped connection) is retried on the same target up to `retries_per_target` times,
+/// after the wait the upstream asked for (`retry-after-ms`, or `retry-after` in seconds or as an
+/// HTTP date) or else an exponential backoff with jitter (0.5 s, 1 s, 2 s, … up to 8 s, each
+/// plus up to 100 % at random, as `backon` computes it). A wait above `max_wait` (default 10 s)
+/// is not waited for: the layer moves on to the next target instead. Moving to a different
+/// target waits for nothing.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_model_fallback::Retries;
+///
+/// let retries = Retries::new(2)
+///     .base_delay(Duration::from_millis(250))
+///     .max_delay(Duration::from_secs(4))
+///     .max_wait(Duration::from_secs(5));
+/// # let _ = retries;
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Retries {
+    pub(crate) per_target: u32,
+    pub(crate) base_delay: Duration,
+    pub(crate) max_delay: Duration,
+    pub(crate) max_wait: Duration,
+    pub(crate) jitter: bool,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries::new(0)
+    }
+}
+
+impl Retries {
+    /// Up to `per_target` retries on each target.
+    pub fn new(per_target: u32) -> Self {
+        Retries {
+            per_target,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(8),
+            max_wait: Duration::from_secs(10),
+            jitter: true,
+        }
+    }
+
+    /// The first backoff delay (default 0.5 s); each later one doubles.
+    pub fn base_delay(mut self, delay: Duration) -> Self {
+        self.base_delay = delay;
+        self
+    }
+
+    /// The longest backoff delay before jitter (default 8 s).
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// The longest wait honoured (default 10 s): a `retry-after` above it moves on to the next
+    /// target rather than waiting.
+    pub fn max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// Random jitter on backoff delays (default on; off makes delays exact, for tests).
+    pub fn jitter(mut self, jitter: bool) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// The backoff delays for one target's retries.
+    pub(crate) fn backoff(&self) -> backon::ExponentialBackoff {
+        let builder = backon::ExponentialBuilder::new()
+            .with_min_delay(self.base_delay)
+            .with_max_delay(self.max_delay)
+            .with_factor(2.0)
+            .without_max_times();
+        if self.jitter {
+            builder.with_jitter().build()
+        } else {
+            builder.build()
+        }
+    }
+}
+
+/// The wait an upstream asked for: `retry-after-ms` (milliseconds, as OpenAI sends), else
+/// `retry-after` (seconds, or an HTTP date).
+pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64((ms / 1000.0).min(1e9)));
+    }
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds.min(1_000_000_000)));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(
+        date.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_every_spelling_of_retry_after() {
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "1500")])),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")])),
+            Some(Duration::from_secs(7))
+        );
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let date = httpdate::fmt_http_date(later);
+        let wait = retry_after(&headers(&[("retry-after", &date)])).unwrap();
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", &past)])),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
+        assert_eq!(retry_after(&headers(&[("retry-after-ms", "-5")])), None);
+        assert_eq!(
+            retry_after(&headers(&[("retry-after-ms", "20"), ("retry-after", "9")])),
+            Some(Duration::from_millis(20)),
+            "the millisecond header wins"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitter_stays_within_one_delay() {
+        let exact: Vec<Duration> = Retries::new(5).jitter(false).backoff().take(6).collect();
+        let ms: Vec<u128> = exact.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [500, 1000, 2000, 4000, 8000, 8000]);
+        for (i, d) in Retries::new(5).backoff().take(6).enumerate() {
+            let base = exact[i];
+            assert!(d >= base && d < base * 2, "{i}: {d:?}");
+        }
+    }
+}
