@@ -31,6 +31,10 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// # }
 /// ```
 pub struct FallbackError {
+    inner: Box<Inner>,
+}
+
+struct Inner {
     kind: Kind,
     report: FallbackReport,
     source: Option<BoxError>,
@@ -65,67 +69,61 @@ impl FallbackError {
     }
 
     pub(crate) fn upstream(source: BoxError, report: FallbackReport) -> Self {
-        FallbackError {
-            kind: Kind::Upstream,
-            report,
-            source: Some(source),
-        }
+        Self::new(Kind::Upstream, Some(source)).with_report(report)
     }
 
     pub(crate) fn deadline(report: FallbackReport) -> Self {
-        FallbackError {
-            kind: Kind::Deadline,
-            report,
-            source: Some(Box::new(tower::timeout::error::Elapsed::new())),
-        }
+        let elapsed = Box::new(tower::timeout::error::Elapsed::new());
+        Self::new(Kind::Deadline, Some(elapsed)).with_report(report)
     }
 
     pub(crate) fn unready(source: BoxError, report: FallbackReport) -> Self {
-        FallbackError {
-            kind: Kind::Unready,
-            report,
-            source: Some(source),
-        }
+        Self::new(Kind::Unready, Some(source)).with_report(report)
     }
 
     fn new(kind: Kind, source: Option<BoxError>) -> Self {
         FallbackError {
-            kind,
-            report: FallbackReport::default(),
-            source,
+            inner: Box::new(Inner {
+                kind,
+                report: FallbackReport::default(),
+                source,
+            }),
         }
     }
 
     pub(crate) fn with_report(mut self, report: FallbackReport) -> Self {
-        self.report = report;
+        self.inner.report = report;
         self
     }
 
     /// The request body was larger than the layer's `max_body_bytes`; nothing was sent.
     pub fn is_body_too_large(&self) -> bool {
-        matches!(self.kind, Kind::BodyTooLarge { .. })
+        matches!(self.inner.kind, Kind::BodyTooLarge { .. })
     }
 
     /// Reading the request body failed; nothing was sent. The body's error is the source.
     pub fn is_body_unreadable(&self) -> bool {
-        matches!(self.kind, Kind::BodyUnreadable)
+        matches!(self.inner.kind, Kind::BodyUnreadable)
     }
 
     /// The request declared a JSON content type but its body is not a JSON object; nothing was
     /// sent.
     pub fn is_invalid_json(&self) -> bool {
-        matches!(self.kind, Kind::InvalidJson { .. })
+        matches!(self.inner.kind, Kind::InvalidJson { .. })
     }
 
     /// Nothing was sent because the request could not be rebuilt for a target.
     pub fn is_invalid_request(&self) -> bool {
-        matches!(self.kind, Kind::Request)
+        matches!(self.inner.kind, Kind::Request)
     }
 
     /// Attempts were made and the last one failed without a response (or the inner service
     /// failed to become ready). The report lists every attempt.
     pub fn is_upstream(&self) -> bool {
-        matches!(self.kind, Kind::Upstream | Kind::Unready | Kind::Deadline)
+        matches!(
+            self.inner.kind,
+            Kind::Upstream | Kind::Unready | Kind::Deadline
+        )
     }
 
     /// Whether the last attempt timed out, or the overall deadline passed.
@@ -135,7 +133,7 @@ impl FallbackError {
 
     /// Whether the overall deadline passed with no response to hand back.
     pub fn is_deadline(&self) -> bool {
-        matches!(self.kind, Kind::Deadline)
+        matches!(self.inner.kind, Kind::Deadline)
     }
 
     /// Whether the last attempt could not connect.
@@ -145,11 +143,11 @@ impl FallbackError {
 
     /// Whether nothing at all was sent upstream.
     pub fn is_nothing_sent(&self) -> bool {
-        self.report.attempts.is_empty()
+        self.inner.report.attempts.is_empty()
     }
 
     fn last_kind(&self) -> Option<ErrorKind> {
-        match self.report.attempts.last()?.outcome {
+        match self.inner.report.attempts.last()?.outcome {
             AttemptOutcome::Error { kind, .. } | AttemptOutcome::BodyFailed { kind, .. } => {
                 Some(kind)
             }
@@ -159,21 +157,21 @@ impl FallbackError {
 
     /// The history of the request: every attempt made before the error.
     pub fn report(&self) -> &FallbackReport {
-        &self.report
+        &self.inner.report
     }
 
     /// Takes the history out.
     pub fn into_report(self) -> FallbackReport {
-        self.report
+        self.inner.report
     }
 }
 
 impl fmt::Debug for FallbackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FallbackError")
-            .field("kind", &self.kind)
-            .field("attempts", &self.report.attempts)
-            .field("source", &self.source)
+            .field("kind", &self.inner.kind)
+            .field("attempts", &self.inner.report.attempts)
+            .field("source", &self.inner.source)
             .finish()
     }
 }
@@ -181,7 +179,7 @@ impl fmt::Debug for FallbackError {
 impl FallbackError {
     fn with_source(&self, f: &mut fmt::Formatter<'_>, message: &str) -> fmt::Result {
         f.write_str(message)?;
-        match &self.source {
+        match &self.inner.source {
             Some(source) => write!(f, ": {source}"),
             None => Ok(()),
         }
@@ -190,7 +188,7 @@ impl FallbackError {
 
 impl fmt::Display for FallbackError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.kind {
+        match &self.inner.kind {
             Kind::BodyTooLarge { limit } => write!(
                 f,
                 "request body is larger than the limit of {limit} bytes; nothing was sent"
@@ -203,35 +201,35 @@ impl fmt::Display for FallbackError {
                 "request body is not a valid JSON object ({detail}); nothing was sent"
             ),
             Kind::Request => self.with_source(f, "the request could not be rebuilt for a target"),
-            Kind::Upstream if self.report.attempts.is_empty() => {
+            Kind::Upstream if self.inner.report.attempts.is_empty() => {
                 self.with_source(f, "the inner service failed before any attempt")
             }
             Kind::Deadline => {
-                let n = self.report.attempts.len();
+                let n = self.inner.report.attempts.len();
                 write!(
                     f,
                     "the overall deadline passed after {n} attempt{}:",
                     if n == 1 { "" } else { "s" }
                 )?;
-                for (i, a) in self.report.attempts.iter().enumerate() {
+                for (i, a) in self.inner.report.attempts.iter().enumerate() {
                     write!(f, "\n  {}. {a}", i + 1)?;
                 }
                 Ok(())
             }
             Kind::Unready => {
-                let next = self.report.attempts.len() + 1;
+                let next = self.inner.report.attempts.len() + 1;
                 self.with_source(
                     f,
                     &format!("the inner service failed while getting ready for attempt {next}"),
                 )?;
-                for (i, a) in self.report.attempts.iter().enumerate() {
+                for (i, a) in self.inner.report.attempts.iter().enumerate() {
                     write!(f, "\n  {}. {a}", i + 1)?;
                 }
                 Ok(())
             }
             Kind::Upstream => {
-                let n = self.report.attempts.len();
-                let why = match self.report.stop {
+                let n = self.inner.report.attempts.len();
+                let why = match self.inner.report.stop {
                     Some(crate::report::StopReason::Exhausted) => ", every target failed",
                     Some(crate::report::StopReason::RetryBudget) => ", the retry budget is spent",
                     Some(crate::report::StopReason::Deadline) => ", the overall deadline passed",
@@ -242,7 +240,7 @@ impl fmt::Display for FallbackError {
                     "no response after {n} attempt{}{why}:",
                     if n == 1 { "" } else { "s" }
                 )?;
-                for (i, a) in self.report.attempts.iter().enumerate() {
+                for (i, a) in self.inner.report.attempts.iter().enumerate() {
                     write!(f, "\n  {}. {a}", i + 1)?;
                 }
                 Ok(())
@@ -253,7 +251,8 @@ impl fmt::Display for FallbackError {
 
 impl StdError for FallbackError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.inner
+            .source
             .as_deref()
             .map(|e| e as &(dyn StdError + 'static))
     }

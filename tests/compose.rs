@@ -4,11 +4,10 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,84 +22,6 @@ use tower_model_fallback::{
     AttemptOutcome, ErrorKind, FallbackLayer, FallbackReport, ReplayBody, Target,
 };
 
-/// How an in-process target behaves.
-#[derive(Clone, Copy)]
-enum Act {
-    /// Answer this status after this delay.
-    After(Duration, u16),
-    /// Never answer.
-    Hang,
-}
-
-/// An in-process client: routes by host to scripted behaviour and counts calls (with times).
-#[derive(Clone)]
-struct Scripted {
-    acts: Arc<HashMap<&'static str, Act>>,
-    calls: Arc<Mutex<Vec<(String, Instant)>>>,
-}
-
-impl Scripted {
-    fn new(acts: &[(&'static str, Act)]) -> Self {
-        Scripted {
-            acts: Arc::new(acts.iter().copied().collect()),
-            calls: Arc::default(),
-        }
-    }
-
-    fn count(&self, host: &str) -> usize {
-        self.calls
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(h, _)| h == host)
-            .count()
-    }
-}
-
-impl Service<Request<ReplayBody>> for Scripted {
-    type Response = Response<Full<Bytes>>;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
-        let host = req.uri().host().unwrap_or_default().to_owned();
-        self.calls
-            .lock()
-            .unwrap()
-            .push((host.clone(), Instant::now()));
-        let act = self
-            .acts
-            .get(host.as_str())
-            .copied()
-            .unwrap_or(Act::After(Duration::ZERO, 200));
-        Box::pin(async move {
-            match act {
-                Act::After(delay, status) => {
-                    tokio::time::sleep(delay).await;
-                    Ok(Response::builder()
-                        .status(status)
-                        .body(Full::new(Bytes::from(host)))
-                        .unwrap())
-                }
-                Act::Hang => std::future::pending().await,
-            }
-        })
-    }
-}
-
-fn targets(hosts: &[&str]) -> FallbackLayer {
-    FallbackLayer::new(
-        hosts
-            .iter()
-            .map(|h| Target::new(format!("http://{h}/v1")).unwrap().name(*h)),
-    )
-    .unwrap()
-}
-
 fn report<B>(response: &Response<B>) -> FallbackReport {
     response
         .extensions()
@@ -112,11 +33,14 @@ fn report<B>(response: &Response<B>) -> FallbackReport {
 #[tokio::test(start_paused = true)]
 async fn a_timeout_inside_skips_a_slow_target_after_the_timeout() {
     let client = Scripted::new(&[
-        ("slow", Act::Hang),
-        ("fast", Act::After(Duration::from_millis(300), 200)),
+        ("slow", vec![Act::hang()]),
+        (
+            "fast",
+            vec![Act::status(200).after(Duration::from_millis(300))],
+        ),
     ]);
     let svc = ServiceBuilder::new()
-        .layer(targets(&["slow", "fast"]))
+        .layer(hosts(&["slow", "fast"]))
         .timeout(Duration::from_secs(5))
         .service(client.clone());
     let started = Instant::now();
@@ -140,17 +64,17 @@ async fn a_timeout_inside_skips_a_slow_target_after_the_timeout() {
 
 #[tokio::test(start_paused = true)]
 async fn a_timeout_outside_cancels_everything_and_no_further_attempt_starts() {
-    let slow_503 = Act::After(Duration::from_secs(4), 503);
+    let slow_503 = Act::status(503).after(Duration::from_secs(4));
     let client = Scripted::new(&[
-        ("a", slow_503),
-        ("b", slow_503),
-        ("c", slow_503),
-        ("d", slow_503),
-        ("e", slow_503),
+        ("a", vec![slow_503.clone()]),
+        ("b", vec![slow_503.clone()]),
+        ("c", vec![slow_503.clone()]),
+        ("d", vec![slow_503.clone()]),
+        ("e", vec![slow_503.clone()]),
     ]);
     let svc = ServiceBuilder::new()
         .timeout(Duration::from_secs(10))
-        .layer(targets(&["a", "b", "c", "d", "e"]))
+        .layer(hosts(&["a", "b", "c", "d", "e"]))
         .service(client.clone());
     let started = Instant::now();
     let err = svc.oneshot(chat_request(CHAT)).await.unwrap_err();
@@ -186,11 +110,11 @@ impl<F: Future> Future for Counted<F> {
 #[tokio::test(start_paused = true)]
 async fn buffer_and_rate_limit_inside_apply_back_pressure_without_a_busy_loop() {
     let client = Scripted::new(&[
-        ("primary", Act::After(Duration::ZERO, 503)),
-        ("fallback", Act::After(Duration::ZERO, 200)),
+        ("primary", vec![Act::status(503)]),
+        ("fallback", vec![Act::status(200)]),
     ]);
     let svc = ServiceBuilder::new()
-        .layer(targets(&["primary", "fallback"]))
+        .layer(hosts(&["primary", "fallback"]))
         .buffer(16)
         .rate_limit(1, Duration::from_secs(10))
         .service(client.clone());
@@ -221,7 +145,7 @@ async fn buffer_and_rate_limit_inside_apply_back_pressure_without_a_busy_loop() 
 #[tokio::test]
 async fn load_shed_over_a_concurrency_limit_moves_to_the_next_target() {
     type Boxed = BoxCloneService<Request<ReplayBody>, Response<Full<Bytes>>, BoxError>;
-    let busy = Scripted::new(&[("primary", Act::Hang)]);
+    let busy = Scripted::new(&[("primary", vec![Act::hang()])]);
     let primary: Boxed = BoxCloneService::new(
         ServiceBuilder::new()
             .load_shed()
@@ -238,7 +162,7 @@ async fn load_shed_over_a_concurrency_limit_moves_to_the_next_target() {
     other.ready().await.unwrap();
     let _in_flight = other.call(Request::new(ReplayBody::empty()));
 
-    let response = targets(&["primary", "fallback"])
+    let response = hosts(&["primary", "fallback"])
         .layer(client)
         .oneshot(chat_request(CHAT))
         .await
@@ -294,11 +218,11 @@ impl<B: Clone, Res, E> tower::retry::Policy<Request<B>, Response<Res>, E> for Re
 #[tokio::test]
 async fn retry_inside_retries_each_target_then_falls_back() {
     let client = Scripted::new(&[
-        ("primary", Act::After(Duration::ZERO, 503)),
-        ("fallback", Act::After(Duration::ZERO, 200)),
+        ("primary", vec![Act::status(503)]),
+        ("fallback", vec![Act::status(200)]),
     ]);
     let svc = ServiceBuilder::new()
-        .layer(targets(&["primary", "fallback"]))
+        .layer(hosts(&["primary", "fallback"]))
         .retry(RetryUnavailable { left: 2 })
         .service(client.clone());
     let response = svc.oneshot(chat_request(CHAT)).await.unwrap();
@@ -318,12 +242,12 @@ async fn retry_inside_retries_each_target_then_falls_back() {
 #[tokio::test]
 async fn retry_outside_repeats_the_whole_chain() {
     let client = Scripted::new(&[
-        ("primary", Act::After(Duration::ZERO, 503)),
-        ("fallback", Act::After(Duration::ZERO, 503)),
+        ("primary", vec![Act::status(503)]),
+        ("fallback", vec![Act::status(503)]),
     ]);
     let svc = ServiceBuilder::new()
         .retry(RetryUnavailable { left: 2 })
-        .layer(targets(&["primary", "fallback"]))
+        .layer(hosts(&["primary", "fallback"]))
         .service(client.clone());
     let response = svc.oneshot(chat_request(CHAT)).await.unwrap();
     assert_eq!(response.status(), 503);

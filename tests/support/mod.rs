@@ -378,3 +378,155 @@ impl RawUpstream {
 /// A streamed (SSE) response head, chunked, with no body yet.
 pub const SSE_HEAD: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+
+/// What an in-process scripted target does for one call.
+#[derive(Clone, Debug)]
+pub struct Act {
+    pub delay: Duration,
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: &'static str,
+    pub hang: bool,
+}
+
+impl Act {
+    /// Answer `status` at once.
+    pub fn status(status: u16) -> Act {
+        Act {
+            delay: Duration::ZERO,
+            status,
+            headers: Vec::new(),
+            body: "",
+            hang: false,
+        }
+    }
+
+    /// Never answer.
+    pub fn hang() -> Act {
+        Act {
+            hang: true,
+            ..Act::status(200)
+        }
+    }
+
+    /// Answer after `delay`.
+    pub fn after(mut self, delay: Duration) -> Act {
+        self.delay = delay;
+        self
+    }
+
+    pub fn header(mut self, name: &'static str, value: &str) -> Act {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+
+    pub fn body(mut self, body: &'static str) -> Act {
+        self.body = body;
+        self
+    }
+}
+
+/// An in-process client: routes by host to a script of acts (the last act repeats) and records
+/// every call with its time on tokio's clock.
+#[derive(Clone, Default)]
+pub struct Scripted {
+    scripts: Arc<Mutex<std::collections::HashMap<String, std::collections::VecDeque<Act>>>>,
+    pub calls: Arc<Mutex<Vec<(String, tokio::time::Instant)>>>,
+}
+
+impl Scripted {
+    pub fn new(scripts: &[(&str, Vec<Act>)]) -> Scripted {
+        let map = scripts
+            .iter()
+            .map(|(h, acts)| (h.to_string(), acts.iter().cloned().collect()))
+            .collect();
+        Scripted {
+            scripts: Arc::new(Mutex::new(map)),
+            calls: Arc::default(),
+        }
+    }
+
+    /// Calls to `host`.
+    pub fn count(&self, host: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(h, _)| h == host)
+            .count()
+    }
+
+    /// The hosts called, in order.
+    pub fn sequence(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
+    /// When each call to `host` was made, relative to `start`.
+    pub fn times(&self, host: &str, start: tokio::time::Instant) -> Vec<Duration> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(h, _)| h == host)
+            .map(|(_, t)| *t - start)
+            .collect()
+    }
+}
+
+impl tower::Service<Request<ReplayBody>> for Scripted {
+    type Response = Response<Full<Bytes>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody>) -> Self::Future {
+        let host = req.uri().host().unwrap_or_default().to_owned();
+        self.calls
+            .lock()
+            .unwrap()
+            .push((host.clone(), tokio::time::Instant::now()));
+        let act = {
+            let mut scripts = self.scripts.lock().unwrap();
+            match scripts.get_mut(&host) {
+                Some(queue) if queue.len() > 1 => queue.pop_front(),
+                Some(queue) => queue.front().cloned(),
+                None => None,
+            }
+            .unwrap_or_else(|| Act::status(200))
+        };
+        Box::pin(async move {
+            if act.hang {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(act.delay).await;
+            let mut response = Response::builder().status(act.status);
+            for (name, value) in &act.headers {
+                response = response.header(*name, value.as_str());
+            }
+            Ok(response
+                .body(Full::new(Bytes::from_static(act.body.as_bytes())))
+                .unwrap())
+        })
+    }
+}
+
+/// A layer over in-process targets named by host (`http://{host}/v1`).
+pub fn hosts(names: &[&str]) -> FallbackLayer {
+    FallbackLayer::new(names.iter().map(|h| {
+        tower_model_fallback::Target::new(format!("http://{h}/v1"))
+            .unwrap()
+            .name(*h)
+    }))
+    .unwrap()
+}
