@@ -5,8 +5,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use tower::retry::budget::TpsBudget;
+
 use crate::error::ConfigError;
+use crate::health::Cooldowns;
 use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
+use crate::policy::DefaultClassifier;
+use crate::retry::{Hedge, Retries};
 use crate::target::Target;
 
 /// A [`FallbackLayer`] described as data: targets, limits and timeouts. Unknown fields are an
@@ -61,6 +66,114 @@ pub struct FallbackConfig {
     /// `false`).
     #[serde(default)]
     pub allow_inline_keys: bool,
+    /// Retries on the same target before moving on (default 0). See [`Retries`].
+    #[serde(default)]
+    pub retries_per_target: u32,
+    /// The first backoff delay in milliseconds (default 500); each later one doubles.
+    #[serde(default = "default_retry_base_delay_ms")]
+    pub retry_base_delay_ms: u64,
+    /// The longest backoff delay in milliseconds, before jitter (default 8000).
+    #[serde(default = "default_retry_max_delay_ms")]
+    pub retry_max_delay_ms: u64,
+    /// The longest `retry-after` honoured, in milliseconds (default 10000); a longer one moves on.
+    #[serde(default = "default_max_retry_wait_ms")]
+    pub max_retry_wait_ms: u64,
+    /// Cooldowns (a circuit breaker per target); off when absent. See [`Cooldowns`].
+    #[serde(default)]
+    pub cooldown: Option<CooldownConfig>,
+    /// A retry budget; no limit when absent.
+    #[serde(default)]
+    pub retry_budget: Option<BudgetConfig>,
+    /// The overall deadline of a request in milliseconds (default: none).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Hedged attempts; sequential when absent. Racing is billed twice.
+    #[serde(default)]
+    pub hedge: Option<HedgeConfig>,
+    /// Fall back on a 400 `context_length_exceeded` (default `false`).
+    #[serde(default)]
+    pub fall_back_on_context_length: bool,
+    /// Fall back on a 400 content-policy refusal (default `false`).
+    #[serde(default)]
+    pub fall_back_on_content_policy: bool,
+}
+
+/// The `cooldown` section of a [`FallbackConfig`]; every field has a default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CooldownConfig {
+    /// Failures within the window that open the breaker (default 3).
+    #[serde(default = "default_failures")]
+    pub failures: u32,
+    /// The window in milliseconds (default 60000).
+    #[serde(default = "default_window_ms")]
+    pub window_ms: u64,
+    /// How long an open breaker skips the target, in milliseconds (default 30000).
+    #[serde(default = "default_cooldown_ms")]
+    pub cooldown_ms: u64,
+    /// The cooldown after a 429 `insufficient_quota`, in milliseconds (default 900000).
+    #[serde(default = "default_quota_cooldown_ms")]
+    pub quota_cooldown_ms: u64,
+}
+
+/// The `retry_budget` section of a [`FallbackConfig`] (tower's `TpsBudget`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// How long a request's deposit counts, in milliseconds, 1000 to 60000 (default 10000).
+    #[serde(default = "default_budget_ttl_ms")]
+    pub ttl_ms: u64,
+    /// Retries allowed per second whatever the traffic (default 10).
+    #[serde(default = "default_budget_min_per_sec")]
+    pub min_per_sec: u32,
+    /// Retries allowed as a share of requests, 0.0 to 1000.0 (default 0.2).
+    #[serde(default = "default_budget_percent")]
+    pub percent: f32,
+}
+
+/// The `hedge` section of a [`FallbackConfig`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HedgeConfig {
+    /// Start the next target after this many milliseconds without a response head.
+    pub delay_ms: u64,
+    /// Attempts in flight at once (default 2).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+fn default_retry_base_delay_ms() -> u64 {
+    500
+}
+fn default_retry_max_delay_ms() -> u64 {
+    8000
+}
+fn default_max_retry_wait_ms() -> u64 {
+    10_000
+}
+fn default_failures() -> u32 {
+    3
+}
+fn default_window_ms() -> u64 {
+    60_000
+}
+fn default_cooldown_ms() -> u64 {
+    30_000
+}
+fn default_quota_cooldown_ms() -> u64 {
+    900_000
+}
+fn default_budget_ttl_ms() -> u64 {
+    10_000
+}
+fn default_budget_min_per_sec() -> u32 {
+    10
+}
+fn default_budget_percent() -> f32 {
+    0.2
+}
+fn default_max_in_flight() -> usize {
+    2
 }
 
 /// One target of a [`FallbackConfig`].
@@ -175,6 +288,59 @@ impl FallbackConfig {
             .wait_for_first_chunk(self.wait_for_first_chunk);
         if let Some(ms) = self.first_byte_timeout_ms {
             layer = layer.first_byte_timeout(Duration::from_millis(ms));
+        }
+        let ms = Duration::from_millis;
+        layer = layer.retries(
+            Retries::new(self.retries_per_target)
+                .base_delay(ms(self.retry_base_delay_ms))
+                .max_delay(ms(self.retry_max_delay_ms))
+                .max_wait(ms(self.max_retry_wait_ms)),
+        );
+        if let Some(c) = &self.cooldown {
+            layer = layer.cooldowns(
+                Cooldowns::new()
+                    .failures(c.failures)
+                    .window(ms(c.window_ms))
+                    .cooldown(ms(c.cooldown_ms))
+                    .quota_cooldown(ms(c.quota_cooldown_ms)),
+            );
+        }
+        if let Some(b) = &self.retry_budget {
+            if !(1000..=60_000).contains(&b.ttl_ms) {
+                return Err(ConfigError::new(
+                    "retry_budget.ttl_ms",
+                    "must be between 1000 and 60000",
+                ));
+            }
+            if !(0.0..=1000.0).contains(&b.percent) {
+                return Err(ConfigError::new(
+                    "retry_budget.percent",
+                    "must be between 0.0 and 1000.0",
+                ));
+            }
+            if b.min_per_sec >= i32::MAX as u32 {
+                return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
+            }
+            layer = layer.retry_budget(TpsBudget::new(ms(b.ttl_ms), b.min_per_sec, b.percent));
+        }
+        if let Some(d) = self.deadline_ms {
+            layer = layer.deadline(ms(d));
+        }
+        if let Some(h) = &self.hedge {
+            if h.max_in_flight < 2 {
+                return Err(ConfigError::new(
+                    "hedge.max_in_flight",
+                    "must be at least 2 to race",
+                ));
+            }
+            layer = layer.hedge(Hedge::new(ms(h.delay_ms), h.max_in_flight));
+        }
+        if self.fall_back_on_context_length || self.fall_back_on_content_policy {
+            layer = layer.classifier(
+                DefaultClassifier::new()
+                    .fall_back_on_context_length(self.fall_back_on_context_length)
+                    .fall_back_on_content_policy(self.fall_back_on_content_policy),
+            );
         }
         Ok(layer)
     }
@@ -292,6 +458,46 @@ mod tests {
             );
             assert!(!err.contains("sk-inline"));
         }
+    }
+
+    #[test]
+    fn resilience_sections_are_validated() {
+        let base = r#""targets": [{"base_url": "http://a.example"}]"#;
+        for (extra, expected) in [
+            (
+                r#""retry_budget": {"ttl_ms": 100}"#,
+                "retry_budget.ttl_ms: must be between 1000 and 60000",
+            ),
+            (
+                r#""retry_budget": {"percent": -1}"#,
+                "retry_budget.percent: must be between",
+            ),
+            (
+                r#""hedge": {"delay_ms": 100, "max_in_flight": 1}"#,
+                "hedge.max_in_flight: must be at least 2",
+            ),
+            (
+                r#""hedge": {"max_in_flight": 3}"#,
+                "hedge: missing field `delay_ms`",
+            ),
+            (
+                r#""cooldown": {"cooldwn_ms": 5}"#,
+                "cooldown.cooldwn_ms: unknown field",
+            ),
+        ] {
+            let err = build(&format!("{{{base}, {extra}}}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{extra}: {err}");
+        }
+        let layer = build(
+            &format!(
+                r#"{{{base}, "retries_per_target": 2, "cooldown": {{}}, "retry_budget": {{}},
+                "deadline_ms": 60000, "hedge": {{"delay_ms": 3000}}, "fall_back_on_context_length": true}}"#
+            ),
+            &[],
+        );
+        assert!(layer.is_ok());
     }
 
     #[test]

@@ -151,7 +151,9 @@ impl FallbackError {
             AttemptOutcome::Error { kind, .. } | AttemptOutcome::BodyFailed { kind, .. } => {
                 Some(kind)
             }
-            AttemptOutcome::Status(_) | AttemptOutcome::ErrorEvent { .. } => None,
+            AttemptOutcome::Status(_)
+            | AttemptOutcome::ErrorEvent { .. }
+            | AttemptOutcome::Superseded => None,
         }
     }
 

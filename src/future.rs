@@ -49,6 +49,8 @@ pin_project_lite::pin_project! {
         Ready,
         // An attempt in flight.
         Calling { #[pin] future: F },
+        // Hedged attempts in flight (`Ctx::flights`); the timer starts the next one.
+        Hedging { #[pin] timer: Option<tokio::time::Sleep> },
         // Reading the start of a response body (`Ctx::peek`): an error body to classify it, or a
         // success up to its first chunk before committing to it. Bounded by the first-byte timer.
         Reading { #[pin] timer: Option<tokio::time::Sleep> },
@@ -57,7 +59,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-struct Ctx<S, R: Body> {
+struct Ctx<S, R: Body>
+where
+    S: Service<Request<ReplayBody>>,
+{
     inner: S,
     shared: Arc<Shared>,
     head: Option<request::Parts>,
@@ -83,6 +88,17 @@ struct Ctx<S, R: Body> {
     peek: Option<Peek<R>>,
     /// The last response, dropped once the next attempt is sent.
     pending: Option<Peek<R>>,
+    /// Hedged attempts in flight, and the last failure among finished ones when it was an error.
+    flights: Vec<Flight<S::Future>>,
+    last_error: Option<BoxError>,
+    /// A hedged attempt failed: start the next one without waiting for the timer.
+    launch_now: bool,
+}
+
+/// One hedged attempt in flight.
+struct Flight<F> {
+    current: Current,
+    future: Pin<Box<F>>,
 }
 
 /// A target chosen for the next call.
@@ -223,12 +239,18 @@ where
                 deadline: None,
                 peek: None,
                 pending: None,
+                flights: Vec::new(),
+                last_error: None,
+                launch_now: false,
             },
         }
     }
 }
 
-impl<S, R: Body> Drop for Ctx<S, R> {
+impl<S, R: Body> Drop for Ctx<S, R>
+where
+    S: Service<Request<ReplayBody>>,
+{
     fn drop(&mut self) {
         // An admitted attempt that never reached an outcome (the caller dropped the future) must
         // still release the target's probe.
@@ -236,13 +258,21 @@ impl<S, R: Body> Drop for Ctx<S, R> {
             self.current.as_ref().map(|c| (c.index, c.admitted)),
             self.upcoming.map(|u| (u.index, u.admitted)),
         ];
-        for (index, _) in admitted.into_iter().flatten().filter(|(_, a)| *a) {
+        let flights = self
+            .flights
+            .iter()
+            .map(|f| (f.current.index, f.current.admitted));
+        let all: Vec<(usize, bool)> = admitted.into_iter().flatten().chain(flights).collect();
+        for (index, _) in all.into_iter().filter(|(_, a)| *a) {
             self.tell_health(index, HealthOutcome::Neutral);
         }
     }
 }
 
-impl<S, R: Body> Ctx<S, R> {
+impl<S, R: Body> Ctx<S, R>
+where
+    S: Service<Request<ReplayBody>>,
+{
     fn tell_health(&self, index: usize, outcome: HealthOutcome) {
         if let (Some(health), Some(key)) = (&self.shared.health, self.shared.target_keys.get(index))
         {
@@ -406,6 +436,97 @@ where
             started: Instant::now(),
         });
         Ok(self.inner.call(plan.request))
+    }
+
+    /// Calls the upcoming target as a hedged flight.
+    fn launch(&mut self) -> Result<(), FallbackError> {
+        let future = self.call_upcoming()?;
+        if let Some(current) = self.current.take() {
+            self.flights.push(Flight {
+                current,
+                future: Box::pin(future),
+            });
+        }
+        Ok(())
+    }
+
+    /// Drops every hedged flight still running, recording each with `outcome`.
+    fn cancel_flights(&mut self, outcome: &AttemptOutcome) {
+        let kept = self.current.take();
+        for flight in std::mem::take(&mut self.flights) {
+            self.current = Some(flight.current);
+            self.note_health(HealthOutcome::Neutral);
+            self.record(outcome.clone(), Decision::Return);
+        }
+        self.current = kept;
+    }
+
+    /// A hedged flight answered with a head: the winner, or one more failure.
+    fn on_hedged_response(&mut self, response: Response<R>) -> Option<Step<R>> {
+        let (head, body) = response.into_parts();
+        let decision = self.decide(&head, None);
+        if !decision.is_retryable() {
+            self.cancel_flights(&AttemptOutcome::Superseded);
+            return Some(self.on_response(Response::from_parts(head, body)));
+        }
+        let hint = self.cooldown_hint(head.status, &head.headers, None);
+        self.note_health(HealthOutcome::Failure { at_least: hint });
+        self.record(AttemptOutcome::Status(head.status), Decision::NextTarget);
+        self.pending = Some(Peek::new(
+            Response::from_parts(head, body),
+            Purpose::Classify,
+        ));
+        self.last_error = None;
+        self.launch_now = true;
+        None
+    }
+
+    /// A hedged flight failed without a response.
+    fn on_hedged_error(&mut self, error: BoxError) -> Result<(), FallbackError> {
+        let kind = ErrorKind::of(&*error);
+        let decision = self.shared.classifier.classify(&Outcome::Error {
+            kind,
+            error: &*error,
+        });
+        let outcome = AttemptOutcome::Error {
+            kind,
+            message: error_chain(&*error),
+        };
+        if !decision.is_retryable() {
+            self.note_health(HealthOutcome::Neutral);
+            self.record(outcome, Decision::Return);
+            self.cancel_flights(&AttemptOutcome::Superseded);
+            return Err(FallbackError::upstream(
+                error,
+                std::mem::take(&mut self.report),
+            ));
+        }
+        self.note_health(HealthOutcome::Failure { at_least: None });
+        self.record(outcome, Decision::NextTarget);
+        self.pending = None;
+        self.last_error = Some(error);
+        self.launch_now = true;
+        Ok(())
+    }
+
+    /// Nothing in flight and nothing more to start: the last failure is the outcome.
+    fn hedging_exhausted(
+        &mut self,
+        reason: StopReason,
+    ) -> Result<Response<ResponseBody<R>>, FallbackError> {
+        if let Some(peek) = self.pending.take() {
+            return Ok(self.hand_back(peek, Some(reason)));
+        }
+        self.report.exhausted = reason == StopReason::Exhausted;
+        self.report.stop = Some(reason);
+        let error = self
+            .last_error
+            .take()
+            .unwrap_or_else(|| "no hedged attempt could be started".into());
+        Err(FallbackError::upstream(
+            error,
+            std::mem::take(&mut self.report),
+        ))
     }
 
     /// Tells the health store what the attempt in flight showed.
@@ -755,6 +876,10 @@ where
         if let Some(upcoming) = self.upcoming.take() {
             self.release(upcoming);
         }
+        self.cancel_flights(&AttemptOutcome::Error {
+            kind: ErrorKind::Timeout,
+            message: "the overall deadline passed".to_owned(),
+        });
         if self.current.is_some() {
             // The attempt in flight is cancelled.
             self.note_health(HealthOutcome::Neutral);
@@ -841,6 +966,33 @@ where
     }
 }
 
+/// Calls the upcoming target (the inner service is ready): one attempt, or the first of a
+/// hedged race.
+fn call<B, S, R>(
+    state: &mut Pin<&mut State<B, S::Future>>,
+    ctx: &mut Ctx<S, R>,
+) -> Result<(), FallbackError>
+where
+    S: Service<Request<ReplayBody>, Response = Response<R>>,
+    S::Error: Into<BoxError>,
+    R: Body + Unpin,
+    R::Error: Into<BoxError>,
+{
+    match ctx.shared.hedge {
+        Some(hedge) => {
+            ctx.launch()?;
+            state.set(State::Hedging {
+                timer: Some(tokio::time::sleep(hedge.delay)),
+            });
+        }
+        None => {
+            let future = ctx.call_upcoming()?;
+            state.set(State::Calling { future });
+        }
+    }
+    Ok(())
+}
+
 /// An error's message followed by its sources'.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
@@ -883,7 +1035,10 @@ where
             // Past the overall deadline nothing new starts and nothing in flight continues.
             let waiting = matches!(
                 this.state.as_mut().project(),
-                StateProj::Waiting { .. } | StateProj::Ready | StateProj::Calling { .. }
+                StateProj::Waiting { .. }
+                    | StateProj::Ready
+                    | StateProj::Calling { .. }
+                    | StateProj::Hedging { .. }
             );
             if waiting && ctx.poll_deadline(cx) {
                 this.state.set(State::Done);
@@ -921,15 +1076,13 @@ where
                             };
                             // The caller polled our readiness, hence the inner service's: the
                             // first target is called at once.
-                            let first = prepared
-                                .and_then(|p| ctx.start(p))
-                                .and_then(|()| ctx.call_upcoming());
-                            match first {
-                                Ok(future) => this.state.set(State::Calling { future }),
-                                Err(e) => {
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(e));
-                                }
+                            if let Err(e) = prepared.and_then(|p| ctx.start(p)) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(e));
+                            }
+                            if let Err(e) = call(&mut this.state, ctx) {
+                                this.state.set(State::Done);
+                                return Poll::Ready(Err(e));
                             }
                         }
                     }
@@ -952,13 +1105,10 @@ where
                         let report = std::mem::take(&mut ctx.report);
                         return Poll::Ready(Err(FallbackError::unready(e.into(), report)));
                     }
-                    match ctx.call_upcoming() {
-                        Ok(future) => this.state.set(State::Calling { future }),
-                        Err(e) => {
-                            this.state.set(State::Done);
-                            let report = std::mem::take(&mut ctx.report);
-                            return Poll::Ready(Err(e.with_report(report)));
-                        }
+                    if let Err(e) = call(&mut this.state, ctx) {
+                        this.state.set(State::Done);
+                        let report = std::mem::take(&mut ctx.report);
+                        return Poll::Ready(Err(e.with_report(report)));
                     }
                 }
                 StateProj::Calling { future } => {
@@ -975,6 +1125,106 @@ where
                     if let Some(done) = step_to(&mut this.state, ctx, step) {
                         return Poll::Ready(Ok(done));
                     }
+                }
+                StateProj::Hedging { mut timer } => {
+                    // A flight that finished: the winner, or one more failure.
+                    let finished = ctx.flights.iter_mut().enumerate().find_map(|(i, f)| {
+                        match f.future.as_mut().poll(cx) {
+                            Poll::Ready(result) => Some((i, result)),
+                            Poll::Pending => None,
+                        }
+                    });
+                    if let Some((i, result)) = finished {
+                        let flight = ctx.flights.swap_remove(i);
+                        ctx.current = Some(flight.current);
+                        let step = match result {
+                            Ok(response) => ctx.on_hedged_response(response),
+                            Err(e) => match ctx.on_hedged_error(e.into()) {
+                                Ok(()) => None,
+                                Err(error) => {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(error));
+                                }
+                            },
+                        };
+                        if let Some(step) = step {
+                            if let Some(done) = step_to(&mut this.state, ctx, step) {
+                                return Poll::Ready(Ok(done));
+                            }
+                        }
+                        continue;
+                    }
+                    if timer
+                        .as_mut()
+                        .as_pin_mut()
+                        .is_some_and(|t| t.poll(cx).is_ready())
+                    {
+                        timer.set(None);
+                        ctx.launch_now = true;
+                    }
+                    let room = ctx.flights.len() < ctx.shared.hedge.map_or(1, |h| h.max_in_flight);
+                    if ctx.launch_now && room {
+                        if ctx.upcoming.is_none() {
+                            let stop = if !ctx.choose_next() {
+                                Some(StopReason::Exhausted)
+                            } else if ctx.deadline_passed() {
+                                Some(StopReason::Deadline)
+                            } else if !ctx.withdraw() {
+                                Some(StopReason::RetryBudget)
+                            } else {
+                                None
+                            };
+                            if stop.is_some() {
+                                if let Some(upcoming) = ctx.upcoming.take() {
+                                    ctx.release(upcoming);
+                                }
+                            }
+                            if let Some(reason) = stop {
+                                ctx.launch_now = false;
+                                if ctx.flights.is_empty() {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(ctx.hedging_exhausted(reason));
+                                }
+                                return Poll::Pending;
+                            }
+                        }
+                        match ctx.inner.poll_ready(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Err(e)) => {
+                                if let Some(upcoming) = ctx.upcoming.take() {
+                                    ctx.release(upcoming);
+                                }
+                                ctx.launch_now = false;
+                                if ctx.flights.is_empty() {
+                                    this.state.set(State::Done);
+                                    if let Some(response) = ctx.hand_back_pending() {
+                                        return Poll::Ready(Ok(response));
+                                    }
+                                    let report = std::mem::take(&mut ctx.report);
+                                    return Poll::Ready(Err(FallbackError::unready(
+                                        e.into(),
+                                        report,
+                                    )));
+                                }
+                            }
+                            Poll::Ready(Ok(())) => {
+                                if let Err(e) = ctx.launch() {
+                                    this.state.set(State::Done);
+                                    let report = std::mem::take(&mut ctx.report);
+                                    return Poll::Ready(Err(e.with_report(report)));
+                                }
+                                ctx.launch_now = false;
+                                let delay = ctx.shared.hedge.map(|h| h.delay);
+                                timer.set(delay.map(tokio::time::sleep));
+                                continue;
+                            }
+                        }
+                    }
+                    if ctx.flights.is_empty() {
+                        this.state.set(State::Done);
+                        return Poll::Ready(ctx.hedging_exhausted(StopReason::Exhausted));
+                    }
+                    return Poll::Pending;
                 }
                 StateProj::Reading { mut timer } => {
                     let limit = ctx.shared.error_body_limit;

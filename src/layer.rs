@@ -12,7 +12,7 @@ use tower::retry::budget::Budget;
 use crate::error::ConfigError;
 use crate::health::{Cooldowns, HealthStore};
 use crate::policy::{Classify, DefaultClassifier};
-use crate::retry::Retries;
+use crate::retry::{Hedge, Retries};
 use crate::service::Fallback;
 use crate::target::Target;
 
@@ -63,6 +63,7 @@ pub(crate) struct Shared {
     pub(crate) quota_cooldown: Duration,
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
     pub(crate) deadline: Option<Duration>,
+    pub(crate) hedge: Option<Hedge>,
 }
 
 impl FallbackLayer {
@@ -102,6 +103,7 @@ impl FallbackLayer {
                 quota_cooldown: Cooldowns::new().settings().quota_cooldown,
                 budget: None,
                 deadline: None,
+                hedge: None,
             }),
         })
     }
@@ -192,6 +194,12 @@ impl FallbackLayer {
     /// response is handed back, or an error ([`FallbackError::is_deadline`](crate::FallbackError::is_deadline)).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         Arc::make_mut(&mut self.shared).deadline = Some(deadline);
+        self
+    }
+
+    /// Races targets: see [`Hedge`] (default: sequential). Racing is billed twice.
+    pub fn hedge(mut self, hedge: Hedge) -> Self {
+        Arc::make_mut(&mut self.shared).hedge = Some(hedge);
         self
     }
 

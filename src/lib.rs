@@ -76,15 +76,45 @@
 //! |---|---|
 //! | 1xx, 2xx, 3xx | return |
 //! | 400, 401, 403, 405, 413, 415, 422 and every 4xx not named below | return at once |
-//! | 404 whose error body says `model_not_found` | next target |
-//! | 408, 409, 429, 500, 502, 503, 504, 520–524, 529, every other 5xx | next target |
-//! | `x-should-retry: false` / `true` on an error status | return / next target |
-//! | inner error: timeout, connect, closed/reset, `Overloaded`, other I/O | next target |
+//! | 404 whose error body says `model_not_found`, 429 `insufficient_quota` | next target |
+//! | 408, 409, 429, 500, 502, 503, 504, 520–524, 529, every other 5xx | retry same, else next |
+//! | `x-should-retry: false` / `true` on an error status | return / retry same, else next |
+//! | inner error: timeout, connect, closed/reset, `Overloaded`, other I/O | retry same, else next |
 //! | inner error of a kind it does not recognise ([`ErrorKind::Other`]) | an error, at once |
-//! | a success whose body fails, or times out, before its first byte | next target |
-//! | a stream whose first event is an error object (`data: {"error": …}`) | next target |
+//! | a success whose body fails, or times out, before its first byte | retry same, else next |
+//! | a stream whose first event is an error object (`data: {"error": …}`) | retry same, else next |
+//! | opt-in: 400 `context_length_exceeded`, 400 content-policy refusal | next target |
 //!
-//! Error bodies are read only for the statuses the policy asks for (404 by default), and only up
+//! "Retry same, else next" is [`Decision::RetrySame`]: the same target is retried when
+//! [`Retries`] allows (none by default), otherwise the next target is tried at once.
+//!
+//! # Resilience
+//!
+//! [`Retries`] (same-target retries honouring `Retry-After`), [`Cooldowns`] (a circuit breaker per
+//! target, shared by every clone, behind the [`HealthStore`] trait), a retry budget (tower's
+//! `TpsBudget`), an overall [deadline](FallbackLayer::deadline) and [`Hedge`] (racing, billed
+//! twice) are all opt-in:
+//!
+//! ```
+//! use std::time::Duration;
+//! use tower::retry::budget::TpsBudget;
+//! use tower_model_fallback::{Cooldowns, FallbackLayer, Retries, Target};
+//!
+//! # fn main() -> Result<(), tower_model_fallback::ConfigError> {
+//! let layer = FallbackLayer::new([
+//!     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini"),
+//!     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini"),
+//! ])?
+//! .retries(Retries::new(2))
+//! .cooldowns(Cooldowns::new())
+//! .retry_budget(TpsBudget::new(Duration::from_secs(10), 10, 0.2))
+//! .deadline(Duration::from_secs(60));
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Error bodies are read only for the statuses the policy asks for (404 and 429 by default), and only up
 //! to [`FallbackLayer::error_body_limit`] (8 KiB); the caller still gets the whole body.
 //!
 //! # Stacking
@@ -118,7 +148,7 @@ mod sse;
 mod target;
 
 pub use body::{ReplayBody, ResponseBody};
-pub use config::{FallbackConfig, TargetConfig};
+pub use config::{BudgetConfig, CooldownConfig, FallbackConfig, HedgeConfig, TargetConfig};
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
 pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
@@ -127,7 +157,7 @@ pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
 pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
-pub use retry::Retries;
+pub use retry::{Hedge, Retries};
 pub use service::Fallback;
 pub use target::Target;
 

@@ -217,7 +217,7 @@ impl Attempt {
             AttemptOutcome::Status(status)
             | AttemptOutcome::BodyFailed { status, .. }
             | AttemptOutcome::ErrorEvent { status, .. } => Some(status),
-            AttemptOutcome::Error { .. } => None,
+            AttemptOutcome::Error { .. } | AttemptOutcome::Superseded => None,
         }
     }
 
@@ -268,6 +268,8 @@ pub enum AttemptOutcome {
         /// What happened.
         message: String,
     },
+    /// A hedged attempt dropped because another one answered first (billed all the same).
+    Superseded,
     /// A streamed success whose first event was an error object.
     ErrorEvent {
         /// The response status.
@@ -287,6 +289,7 @@ impl fmt::Display for AttemptOutcome {
                 kind,
                 message,
             } => write!(f, "{status}, then {kind} before the first byte ({message})"),
+            AttemptOutcome::Superseded => f.write_str("dropped: another hedged attempt won"),
             AttemptOutcome::ErrorEvent { status, code } => {
                 write!(f, "{status}, then an error event")?;
                 match code {

@@ -172,3 +172,29 @@ mod tests {
         }
     }
 }
+
+/// Hedged attempts: when an attempt has no response head after `delay`, the next target starts
+/// in parallel, up to `max_in_flight` attempts at once. The first acceptable response (a success,
+/// or a failure no other target can fix) wins and the others are dropped and recorded
+/// ([`AttemptOutcome::Superseded`](crate::AttemptOutcome::Superseded)); a failure that another
+/// target could fix starts the next target at once.
+///
+/// Off by default. **Racing is billed twice**: every attempt that reached a provider costs
+/// tokens, including the ones dropped. Hedged attempts move on rather than retrying the same
+/// target, and each attempt after the first draws on the retry budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hedge {
+    pub(crate) delay: Duration,
+    pub(crate) max_in_flight: usize,
+}
+
+impl Hedge {
+    /// Start the next target after `delay` without a response head, up to `max_in_flight`
+    /// attempts at once (at least 1).
+    pub fn new(delay: Duration, max_in_flight: usize) -> Self {
+        Hedge {
+            delay,
+            max_in_flight: max_in_flight.max(1),
+        }
+    }
+}

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{Layer, ServiceExt};
 use tower_model_fallback::{
-    Cooldowns, Decision, DefaultClassifier, FallbackLayer, FallbackReport, Retries, StopReason,
+    AttemptOutcome, Cooldowns, Decision, DefaultClassifier, FallbackLayer, FallbackReport, Hedge,
+    Retries, StopReason,
 };
 
 async fn send(layer: &FallbackLayer, client: &Scripted) -> (StatusCode, FallbackReport) {
@@ -458,4 +459,93 @@ async fn context_length_and_content_policy_fall_back_only_when_opted_in() {
             "{body}"
         );
     }
+}
+
+// ---- hedging -------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_head_starts_the_next_target_in_parallel_and_the_first_answer_wins() {
+    let client = Scripted::new(&[
+        ("primary", vec![Act::hang()]),
+        ("fallback", vec![Act::status(200).after(secs(1))]),
+    ]);
+    let layer = hosts(&["primary", "fallback"]).hedge(Hedge::new(secs(2), 2));
+    let start = Instant::now();
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!((status.as_u16(), start.elapsed()), (200, secs(3)));
+    assert_eq!(client.times("fallback", start), [secs(2)]);
+    let outcomes: Vec<(&str, &AttemptOutcome)> = report
+        .attempts()
+        .iter()
+        .map(|a| (a.target(), a.outcome()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("primary", &AttemptOutcome::Superseded),
+            ("fallback", &AttemptOutcome::Status(StatusCode::OK))
+        ]
+    );
+    assert_eq!(report.served_by().unwrap().target(), "fallback");
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_most_k_attempts_race_and_a_failure_frees_a_place_at_once() {
+    let client = Scripted::new(&[
+        ("a", vec![Act::hang()]),
+        ("b", vec![Act::status(503).after(secs(3))]),
+        ("c", vec![Act::status(200)]),
+    ]);
+    let layer = hosts(&["a", "b", "c"]).hedge(Hedge::new(secs(2), 2));
+    let start = Instant::now();
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!(status, 200);
+    // b starts at 2 s; at 4 s the timer fires but two are in flight; b fails at 5 s and c starts.
+    assert_eq!(client.times("b", start), [secs(2)]);
+    assert_eq!(client.times("c", start), [secs(5)]);
+    assert_eq!(report.attempts().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_no_target_can_fix_from_any_racer_is_handed_back() {
+    let client = Scripted::new(&[
+        ("primary", vec![Act::hang()]),
+        ("fallback", vec![Act::status(401).after(secs(1))]),
+    ]);
+    let layer = hosts(&["primary", "fallback"]).hedge(Hedge::new(secs(2), 3));
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!(status, 401);
+    assert_eq!(report.attempts()[0].outcome(), &AttemptOutcome::Superseded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quick_retryable_failure_starts_the_next_target_without_waiting_for_the_hedge_delay() {
+    let client = Scripted::new(&[
+        (
+            "primary",
+            vec![Act::status(503).after(Duration::from_millis(500))],
+        ),
+        ("fallback", vec![Act::status(200)]),
+    ]);
+    let layer = hosts(&["primary", "fallback"]).hedge(Hedge::new(secs(2), 2));
+    let start = Instant::now();
+    let (status, _) = send(&layer, &client).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        client.times("fallback", start),
+        [Duration::from_millis(500)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_racer_fails_the_last_failure_is_handed_back() {
+    let client = Scripted::new(&[
+        ("a", vec![Act::status(503).after(secs(3))]),
+        ("b", vec![Act::status(502).after(secs(5))]),
+    ]);
+    let layer = hosts(&["a", "b"]).hedge(Hedge::new(secs(1), 2));
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!(status.as_u16(), 502);
+    assert!(report.is_exhausted());
+    assert_eq!((client.count("a"), client.count("b")), (1, 1));
 }
