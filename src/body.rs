@@ -11,6 +11,7 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
+use crate::catalog::UsageMeter;
 use crate::error::BoxError;
 
 /// The request body the inner service receives: slices of the caller's one buffered body (with
@@ -202,6 +203,7 @@ pin_project_lite::pin_project! {
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<OnceLock<String>>,
+        meter: Option<Box<UsageMeter>>,
         #[pin]
         inner: B,
     }
@@ -214,12 +216,14 @@ impl<B: Body> ResponseBody<B> {
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<OnceLock<String>>,
+        meter: Option<Box<UsageMeter>>,
     ) -> Self {
         ResponseBody {
             buffered,
             inner_done: inner_done || error.is_some(),
             error,
             record,
+            meter,
             inner,
         }
     }
@@ -252,36 +256,44 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let this = self.project();
-        if let Some(frame) = this.buffered.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        let error = match this.error.take() {
-            Some(error) => error,
-            None if *this.inner_done => return Poll::Ready(None),
-            None => match ready!(this.inner.poll_frame(cx)) {
-                Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
-                Some(Err(error)) => {
-                    *this.inner_done = true;
-                    error.into()
-                }
-                None => {
-                    *this.inner_done = true;
-                    return Poll::Ready(None);
-                }
+        let frame = match this.buffered.pop_front() {
+            Some(frame) => Some(frame),
+            None => match this.error.take() {
+                Some(error) => return failed(this.record, error),
+                None if *this.inner_done => None,
+                None => match ready!(this.inner.poll_frame(cx)) {
+                    Some(Ok(frame)) => Some(frame),
+                    Some(Err(error)) => {
+                        *this.inner_done = true;
+                        return failed(this.record, error.into());
+                    }
+                    None => {
+                        *this.inner_done = true;
+                        None
+                    }
+                },
             },
         };
-        let message = crate::future::error_chain(&*error);
-        tracing::warn!(
-            target: "tower_model_fallback",
-            error = %message,
-            "the response body failed after it was handed back",
-        );
-        let _ = this.record.set(message);
-        Poll::Ready(Some(Err(error)))
+        match frame.as_ref().map(Frame::data_ref) {
+            Some(Some(data)) => {
+                if let Some(meter) = this.meter {
+                    meter.observe(data.chunk());
+                }
+            }
+            Some(None) => {}
+            None => {
+                if let Some(mut meter) = this.meter.take() {
+                    meter.finish();
+                }
+            }
+        }
+        Poll::Ready(frame.map(Ok))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.buffered.is_empty()
+        // A meter must see the end of the body, so the body never says it has ended early.
+        self.meter.is_none()
+            && self.buffered.is_empty()
             && self.error.is_none()
             && (self.inner_done || self.inner.is_end_stream())
     }
@@ -303,6 +315,21 @@ where
         }
         hint
     }
+}
+
+/// Records a failure of the body after it was handed back, and yields it.
+fn failed<D>(
+    record: &OnceLock<String>,
+    error: BoxError,
+) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+    let message = crate::future::error_chain(&*error);
+    tracing::warn!(
+        target: "tower_model_fallback",
+        error = %message,
+        "the response body failed after it was handed back",
+    );
+    let _ = record.set(message);
+    Poll::Ready(Some(Err(error)))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::body::{Collector, ReplayBody, ResponseBody};
+use crate::catalog::UsageMeter;
 use crate::error::{BoxError, FallbackError};
 use crate::health::{Admission, HealthOutcome, TargetId};
 use crate::layer::Shared;
@@ -21,6 +22,7 @@ use crate::policy::{Decision, ErrorKind, Outcome};
 use crate::report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
 use crate::request::Prepared;
 use crate::sse;
+use crate::stats::Tally;
 
 /// How long an error body may take to arrive when no first-byte timeout is set.
 const ERROR_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -93,6 +95,9 @@ where
     last_error: Option<BoxError>,
     /// A hedged attempt failed: start the next one without waiting for the timer.
     launch_now: bool,
+    /// This request has tried a second target (counted once in the stats).
+    fell_back: bool,
+    span: tracing::Span,
 }
 
 /// One hedged attempt in flight.
@@ -190,13 +195,18 @@ impl<R: Body> Peek<R> {
         }
     }
 
-    fn into_response(self, record: &FallbackReport) -> Response<ResponseBody<R>> {
+    fn into_response(
+        self,
+        record: &FallbackReport,
+        meter: Option<Box<UsageMeter>>,
+    ) -> Response<ResponseBody<R>> {
         let body = ResponseBody::with_buffered(
             self.body,
             self.frames,
             self.error,
             self.ended,
             record.stream_record(),
+            meter,
         );
         Response::from_parts(self.head, body)
     }
@@ -210,6 +220,12 @@ where
 {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
         let (head, body) = request.into_parts();
+        let span = tracing::info_span!(
+            target: "tower_model_fallback",
+            "model_fallback",
+            method = %head.method,
+            path = head.uri.path(),
+        );
         let collector = Collector::new(shared.max_body_bytes);
         let failed = collector
             .rejects(&body.size_hint())
@@ -242,6 +258,8 @@ where
                 flights: Vec::new(),
                 last_error: None,
                 launch_now: false,
+                fell_back: false,
+                span,
             },
         }
     }
@@ -312,6 +330,9 @@ where
     fn start(&mut self, prepared: Prepared) -> Result<(), FallbackError> {
         self.report.requested_model = prepared.requested_model.clone();
         self.prepared = Some(prepared);
+        if self.shared.record_stats {
+            self.shared.stats.request();
+        }
         if let Some(budget) = &self.shared.budget {
             budget.deposit();
         }
@@ -398,6 +419,9 @@ where
                     remaining_ms = remaining.as_millis() as u64,
                     "skipping a target that is cooling down",
                 );
+                if self.shared.record_stats {
+                    self.shared.stats.skip(index);
+                }
                 self.report.skipped.push(Skip {
                     target: target.unwrap_or_else(|| Arc::from("?")),
                     target_index: index,
@@ -558,6 +582,24 @@ where
             elapsed: current.started.elapsed(),
             decision,
         };
+        if self.shared.record_stats {
+            let tally = match (decision, &attempt.outcome) {
+                (_, AttemptOutcome::Superseded) => Tally::Superseded,
+                (Decision::RetrySame, _) => Tally::RetrySame,
+                (Decision::NextTarget, _) => Tally::NextTarget,
+                (Decision::Return, AttemptOutcome::Status(s)) if s.as_u16() < 400 => Tally::Success,
+                (Decision::Return, _) => Tally::NonRetryable,
+            };
+            let error = matches!(attempt.outcome, AttemptOutcome::Error { .. });
+            self.shared
+                .stats
+                .attempt(current.index, tally, error, attempt.elapsed);
+            let first = self.report.attempts.first().map(|a| a.target_index);
+            if !self.fell_back && first.is_some_and(|f| f != current.index) {
+                self.fell_back = true;
+                self.shared.stats.fell_back();
+            }
+        }
         macro_rules! attempt_event {
             ($level:expr, $message:literal) => {
                 tracing::event!(
@@ -568,15 +610,17 @@ where
                     model = attempt.model.as_deref().unwrap_or("-"),
                     outcome = %attempt.outcome,
                     elapsed_ms = attempt.elapsed.as_millis() as u64,
+                    decision = %decision,
                     $message,
                 )
             };
         }
+        let failed = !matches!(&attempt.outcome, AttemptOutcome::Status(s) if s.as_u16() < 400);
         match decision {
             Decision::NextTarget => {
                 attempt_event!(
                     tracing::Level::WARN,
-                    "attempt failed; trying the next target"
+                    "attempt failed; falling back to the next target"
                 )
             }
             Decision::RetrySame => {
@@ -585,7 +629,13 @@ where
                     "attempt failed; retrying the same target"
                 )
             }
-            Decision::Return => attempt_event!(tracing::Level::DEBUG, "attempt done"),
+            Decision::Return if failed => {
+                attempt_event!(
+                    tracing::Level::INFO,
+                    "attempt failed; handed back without falling back"
+                )
+            }
+            Decision::Return => attempt_event!(tracing::Level::DEBUG, "attempt succeeded"),
         }
         self.report.push(attempt);
     }
@@ -827,6 +877,31 @@ where
         }
     }
 
+    /// A meter for the answer's `usage`, when the layer has a catalog and the answer is a
+    /// non-streamed JSON success.
+    fn usage_meter(&self, peek: &Peek<R>) -> Option<Box<UsageMeter>> {
+        let catalog = self.shared.catalog.as_ref()?;
+        let json = peek
+            .head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if !peek.head.status.is_success() || peek.event_stream || !json {
+            return None;
+        }
+        let served = self.report.served_by()?;
+        let pricing = served.model().and_then(|m| catalog.price(m)).copied();
+        let stats = self
+            .shared
+            .record_stats
+            .then(|| (self.shared.stats.clone(), served.target_index()));
+        Some(Box::new(UsageMeter::new(
+            pricing,
+            stats,
+            self.report.usage.clone(),
+        )))
+    }
+
     /// Hands a response back with the report.
     fn hand_back(
         &mut self,
@@ -836,7 +911,8 @@ where
         self.report.exhausted = reason == Some(StopReason::Exhausted);
         self.report.stop = reason;
         self.report.served = self.report.attempts.len().checked_sub(1);
-        let mut response = peek.into_response(&self.report);
+        let meter = self.usage_meter(&peek);
+        let mut response = peek.into_response(&self.report, meter);
         response
             .extensions_mut()
             .insert(std::mem::take(&mut self.report));
@@ -1031,6 +1107,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let ctx = this.ctx;
+        let span = ctx.span.clone();
+        let _entered = span.enter();
         loop {
             // Past the overall deadline nothing new starts and nothing in flight continues.
             let waiting = matches!(

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use tower::retry::budget::Budget;
 
+use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
 use crate::health::{Cooldowns, HealthStore};
 use crate::policy::{Classify, DefaultClassifier};
 use crate::retry::{Hedge, Retries};
 use crate::service::Fallback;
+use crate::stats::Stats;
 use crate::target::Target;
 
 /// The default bound on a buffered request body: 32 MiB.
@@ -64,6 +66,9 @@ pub(crate) struct Shared {
     pub(crate) budget: Option<Arc<dyn Budget + Send + Sync>>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) hedge: Option<Hedge>,
+    pub(crate) stats: Stats,
+    pub(crate) record_stats: bool,
+    pub(crate) catalog: Option<Arc<ModelCatalog>>,
 }
 
 impl FallbackLayer {
@@ -88,6 +93,7 @@ impl FallbackLayer {
                 .into_boxed_str()
             })
             .collect();
+        let stats = Stats::new(targets.iter().map(|t| t.name.clone()));
         Ok(FallbackLayer {
             shared: Arc::new(Shared {
                 credential_names: crate::request::credential_names(&targets).into(),
@@ -104,6 +110,9 @@ impl FallbackLayer {
                 budget: None,
                 deadline: None,
                 hedge: None,
+                stats,
+                record_stats: true,
+                catalog: None,
             }),
         })
     }
@@ -195,6 +204,83 @@ impl FallbackLayer {
     pub fn deadline(mut self, deadline: Duration) -> Self {
         Arc::make_mut(&mut self.shared).deadline = Some(deadline);
         self
+    }
+
+    /// The layer's counters, shared by every service it builds (see [`Stats`]).
+    pub fn stats(&self) -> Stats {
+        self.shared.stats.clone()
+    }
+
+    /// Whether to keep [`Stats`] (default `true`; the counters are atomics, no lock).
+    pub fn record_stats(mut self, record: bool) -> Self {
+        Arc::make_mut(&mut self.shared).record_stats = record;
+        self
+    }
+
+    /// Prices the targets with a [`ModelCatalog`]: a fallback priced above `guard.max_factor`
+    /// times the primary is warned about (logged) or, with [`PriceGuard::refuse_above`], refused
+    /// with an error naming it. Non-streamed JSON answers then carry their estimated cost in the
+    /// report ([`FallbackReport::usage`](crate::FallbackReport::usage)) and the stats.
+    ///
+    /// ```
+    /// use tower_model_fallback::{FallbackLayer, ModelCatalog, PriceGuard, Target};
+    ///
+    /// let catalog = ModelCatalog::from_json(br#"{"data": [
+    ///   {"id": "small", "pricing": {"input": 0.15, "output": 0.6}},
+    ///   {"id": "large", "pricing": {"input": 5.0, "output": 15.0}}]}"#).unwrap();
+    /// let targets = || [
+    ///     Target::new("https://a.example/v1").unwrap().model("small"),
+    ///     Target::new("https://b.example/v1").unwrap().model("large"),
+    /// ];
+    /// let refused = FallbackLayer::new(targets()).unwrap().catalog(catalog.clone(), PriceGuard::refuse_above(3.0));
+    /// assert!(refused.unwrap_err().to_string().starts_with("targets[1].model: large costs 26.7x"));
+    /// let warned = FallbackLayer::new(targets()).unwrap().catalog(catalog, PriceGuard::warn_above(3.0));
+    /// assert!(warned.is_ok());
+    /// ```
+    pub fn catalog(
+        mut self,
+        catalog: ModelCatalog,
+        guard: PriceGuard,
+    ) -> Result<Self, ConfigError> {
+        let targets = &self.shared.targets;
+        let price = |t: &Target| {
+            t.get_model()
+                .and_then(|m| catalog.price(m))
+                .and_then(|p| p.comparable())
+        };
+        if let Some(primary) = targets.first() {
+            let base = price(primary);
+            for (i, target) in targets.iter().enumerate().skip(1) {
+                let (Some(base), Some(this)) = (base, price(target)) else {
+                    tracing::warn!(
+                        target: "tower_model_fallback",
+                        target_name = target.get_name(),
+                        "no price in the catalog to compare this fallback with the primary",
+                    );
+                    continue;
+                };
+                let factor = if base > 0.0 {
+                    this / base
+                } else {
+                    f64::INFINITY
+                };
+                if factor <= guard.max_factor {
+                    continue;
+                }
+                let problem = format!(
+                    "{} costs {factor:.1}x the primary ({}), above the limit of {}x",
+                    target.get_model().unwrap_or("?"),
+                    primary.get_model().unwrap_or("?"),
+                    guard.max_factor
+                );
+                if guard.refuse {
+                    return Err(ConfigError::new("model", problem).within(format!("targets[{i}]")));
+                }
+                tracing::warn!(target: "tower_model_fallback", target_name = target.get_name(), "{problem}");
+            }
+        }
+        Arc::make_mut(&mut self.shared).catalog = Some(Arc::new(catalog));
+        Ok(self)
     }
 
     /// Races targets: see [`Hedge`] (default: sequential). Racing is billed twice.

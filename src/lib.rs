@@ -133,6 +133,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+mod catalog;
 mod config;
 mod error;
 mod future;
@@ -145,9 +146,11 @@ mod request;
 mod retry;
 mod service;
 mod sse;
+mod stats;
 mod target;
 
 pub use body::{ReplayBody, ResponseBody};
+pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing, Usage};
 pub use config::{BudgetConfig, CooldownConfig, FallbackConfig, HedgeConfig, TargetConfig};
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
@@ -159,6 +162,7 @@ pub use policy::{
 pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
 pub use retry::{Hedge, Retries};
 pub use service::Fallback;
+pub use stats::{Bucket, Stats, StatsSnapshot, TargetStats, LATENCY_BUCKETS_MS};
 pub use target::Target;
 
 #[doc(hidden)]

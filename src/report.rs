@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::catalog::Usage;
 use crate::policy::{Decision, ErrorKind};
 
 /// The history of one request, in the extensions of every response the layer hands back (and in
@@ -33,6 +34,8 @@ pub struct FallbackReport {
     pub(crate) stop: Option<StopReason>,
     /// Shared with the response body, which records a failure after the commit point.
     pub(crate) stream_error: Arc<OnceLock<String>>,
+    /// Shared with the response body, which reads the answer's `usage` at its end.
+    pub(crate) usage: Arc<OnceLock<Usage>>,
 }
 
 impl FallbackReport {
@@ -78,6 +81,13 @@ impl FallbackReport {
     /// this report, so it can be read once the body has been consumed.
     pub fn stream_error(&self) -> Option<&str> {
         self.stream_error.get().map(String::as_str)
+    }
+
+    /// Token counts and estimated cost of the answer, from its `usage`: set once a non-streamed
+    /// JSON answer has been read to its end, when the layer has a
+    /// [`ModelCatalog`](crate::ModelCatalog).
+    pub fn usage(&self) -> Option<&Usage> {
+        self.usage.get()
     }
 
     pub(crate) fn stream_record(&self) -> Arc<OnceLock<String>> {

@@ -1,0 +1,357 @@
+//! A priced models catalog, as CometAPI's `GET /api/models` returns it: prices of candidate
+//! fallbacks before they are added, and the cost of answers that report their `usage`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::stats::Stats;
+
+/// A list of models with their prices (USD per million tokens), parsed from the shape of
+/// CometAPI's `GET /api/models`:
+/// `{"success", "page", "page_size", "total", "data": [{"id", "provider", "model_type",
+/// "features", "pricing": {"currency", "input", "output", "per_request", "per_second"},
+/// "api_doc_url"}]}`. Any price may be `null`; unknown fields are ignored (it is someone
+/// else's API).
+///
+/// ```
+/// use tower_model_fallback::ModelCatalog;
+///
+/// let catalog = ModelCatalog::from_json(br#"{"success": true, "data": [
+///   {"id": "cheap", "features": ["text-to-text"], "pricing": {"currency": "USD / M Tokens", "input": 0.1, "output": 0.4}},
+///   {"id": "dear", "features": ["text-to-text"], "pricing": {"input": 2.5, "output": 10.0, "per_request": null}}
+/// ]}"#).unwrap();
+/// assert_eq!(catalog.price("dear").unwrap().input, Some(2.5));
+/// let ids: Vec<&str> = catalog.candidates("text-to-text").iter().map(|m| m.id.as_str()).collect();
+/// assert_eq!(ids, ["cheap", "dear"]);
+/// // 1000 prompt tokens and 500 completion tokens on "dear":
+/// let cost = catalog.estimate_cost("dear", 1000, 500).unwrap();
+/// assert!((cost - 0.0075).abs() < 1e-12);
+/// ```
+#[derive(Debug, Clone)]
+pub struct ModelCatalog {
+    models: Vec<ModelEntry>,
+    by_id: HashMap<String, usize>,
+}
+
+#[derive(Deserialize)]
+struct ModelsPage {
+    data: Vec<ModelEntry>,
+}
+
+/// One model of a [`ModelCatalog`].
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ModelEntry {
+    /// The model ID, as sent in a request's `"model"`.
+    pub id: String,
+    /// Who serves it.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// `text`, `image`, …
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// What it does, e.g. `text-to-text`.
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// Its prices, when known.
+    #[serde(default)]
+    pub pricing: Option<Pricing>,
+    /// Its documentation.
+    #[serde(default)]
+    pub api_doc_url: Option<String>,
+}
+
+/// A model's prices: `input` and `output` in USD per million tokens; `per_request` and
+/// `per_second` in USD. Any may be unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+pub struct Pricing {
+    /// USD per million prompt tokens.
+    #[serde(default)]
+    pub input: Option<f64>,
+    /// USD per million completion tokens.
+    #[serde(default)]
+    pub output: Option<f64>,
+    /// USD per request.
+    #[serde(default)]
+    pub per_request: Option<f64>,
+    /// USD per second (media models).
+    #[serde(default)]
+    pub per_second: Option<f64>,
+}
+
+impl Pricing {
+    /// One number to compare models by: input + output per million tokens, else the price per
+    /// request. `None` when neither is known.
+    pub fn comparable(&self) -> Option<f64> {
+        match (self.input, self.output) {
+            (Some(i), Some(o)) => Some(i + o),
+            (Some(p), None) | (None, Some(p)) => Some(p),
+            (None, None) => self.per_request,
+        }
+    }
+
+    /// The cost of an answer with these token counts, in USD, when the prices needed are known.
+    pub fn cost(&self, prompt_tokens: u64, completion_tokens: u64) -> Option<f64> {
+        let tokens = match (self.input, self.output) {
+            (None, None) => None,
+            (i, o) => Some(
+                prompt_tokens as f64 * i.unwrap_or(0.0) / 1e6
+                    + completion_tokens as f64 * o.unwrap_or(0.0) / 1e6,
+            ),
+        };
+        match (tokens, self.per_request) {
+            (None, None) => None,
+            (t, r) => Some(t.unwrap_or(0.0) + r.unwrap_or(0.0)),
+        }
+    }
+}
+
+impl ModelCatalog {
+    /// Parses a models list.
+    pub fn from_json(json: &[u8]) -> Result<ModelCatalog, ConfigError> {
+        let page: ModelsPage = serde_json::from_slice(json)
+            .map_err(|e| ConfigError::new("models", format!("not a models list: {e}")))?;
+        let by_id = page
+            .data
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.id.clone(), i))
+            .collect();
+        Ok(ModelCatalog {
+            models: page.data,
+            by_id,
+        })
+    }
+
+    /// Reads and parses a models list file.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<ModelCatalog, ConfigError> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| {
+            ConfigError::new("models", format!("cannot read {}: {e}", path.display()))
+        })?;
+        ModelCatalog::from_json(&bytes)
+    }
+
+    /// Every model, in the list's order.
+    pub fn models(&self) -> &[ModelEntry] {
+        &self.models
+    }
+
+    /// A model by ID.
+    pub fn get(&self, id: &str) -> Option<&ModelEntry> {
+        self.by_id.get(id).and_then(|i| self.models.get(*i))
+    }
+
+    /// A model's prices.
+    pub fn price(&self, id: &str) -> Option<&Pricing> {
+        self.get(id)?.pricing.as_ref()
+    }
+
+    /// The models with `feature` (e.g. `text-to-text`), cheapest first; unpriced ones last.
+    pub fn candidates(&self, feature: &str) -> Vec<&ModelEntry> {
+        let mut found: Vec<&ModelEntry> = self
+            .models
+            .iter()
+            .filter(|m| m.features.iter().any(|f| f == feature))
+            .collect();
+        found.sort_by(|a, b| {
+            let (pa, pb) = (
+                a.pricing.and_then(|p| p.comparable()),
+                b.pricing.and_then(|p| p.comparable()),
+            );
+            match (pa, pb) {
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => a.id.cmp(&b.id),
+            }
+        });
+        found
+    }
+
+    /// The estimated cost of an answer from `model`, in USD.
+    pub fn estimate_cost(
+        &self,
+        model: &str,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) -> Option<f64> {
+        self.price(model)?.cost(prompt_tokens, completion_tokens)
+    }
+}
+
+/// What to do when a fallback costs more than `max_factor` times the primary.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PriceGuard {
+    /// The largest acceptable ratio of a fallback's price to the primary's.
+    pub max_factor: f64,
+    /// Refuse to build the layer (`true`) or only warn (`false`).
+    pub refuse: bool,
+}
+
+impl PriceGuard {
+    /// Warn about fallbacks priced above `max_factor` times the primary.
+    pub fn warn_above(max_factor: f64) -> Self {
+        PriceGuard {
+            max_factor,
+            refuse: false,
+        }
+    }
+
+    /// Refuse fallbacks priced above `max_factor` times the primary.
+    pub fn refuse_above(max_factor: f64) -> Self {
+        PriceGuard {
+            max_factor,
+            refuse: true,
+        }
+    }
+}
+
+/// Token counts and estimated cost of one answer, from its `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Estimated cost in USD, when the served model is priced in the catalog.
+    pub cost_usd: Option<f64>,
+}
+
+/// Watches a non-streamed JSON answer go by and reads its `usage` at the end, without holding
+/// more than a few KiB of it.
+pub(crate) struct UsageMeter {
+    pricing: Option<Pricing>,
+    stats: Option<(Stats, usize)>,
+    record: Arc<OnceLock<Usage>>,
+    head: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+const HEAD: usize = 2048;
+const TAIL: usize = 4096;
+
+impl UsageMeter {
+    pub(crate) fn new(
+        pricing: Option<Pricing>,
+        stats: Option<(Stats, usize)>,
+        record: Arc<OnceLock<Usage>>,
+    ) -> Self {
+        UsageMeter {
+            pricing,
+            stats,
+            record,
+            head: Vec::new(),
+            tail: Vec::new(),
+        }
+    }
+
+    pub(crate) fn observe(&mut self, chunk: &[u8]) {
+        if self.head.len() < HEAD {
+            let take = (HEAD - self.head.len()).min(chunk.len());
+            self.head.extend_from_slice(&chunk[..take]);
+        }
+        self.tail.extend_from_slice(chunk);
+        if self.tail.len() > 2 * TAIL {
+            self.tail.drain(..self.tail.len() - TAIL);
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        let usage = find_usage(&self.tail).or_else(|| find_usage(&self.head));
+        let Some((prompt, completion)) = usage else {
+            return;
+        };
+        let cost = self.pricing.and_then(|p| p.cost(prompt, completion));
+        if let Some((stats, target)) = &self.stats {
+            stats.usage(*target, prompt, completion, cost);
+        }
+        let _ = self.record.set(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_usd: cost,
+        });
+    }
+}
+
+/// `prompt_tokens` and `completion_tokens` of the last `"usage": {…}` member in `buf`.
+fn find_usage(buf: &[u8]) -> Option<(u64, u64)> {
+    #[derive(Deserialize)]
+    struct Counts {
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: u64,
+    }
+    let key = b"\"usage\"";
+    let mut end = buf.len();
+    while let Some(at) = buf[..end].windows(key.len()).rposition(|w| w == key) {
+        end = at;
+        if at > 0 && buf[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = buf[at + key.len()..].trim_ascii_start();
+        let Some(value) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let mut values =
+            serde_json::Deserializer::from_slice(value.trim_ascii_start()).into_iter::<Counts>();
+        if let Some(Ok(c)) = values.next() {
+            return Some((c.prompt_tokens, c.completion_tokens));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_usage_wherever_the_provider_puts_it() {
+        let last = br#"{"choices":[{"message":{"content":"the \"usage\": x"}}],"usage":{"prompt_tokens":9,"completion_tokens":12,"total_tokens":21}}"#;
+        assert_eq!(find_usage(last), Some((9, 12)));
+        let first = br#"{"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "choices": []}"#;
+        assert_eq!(find_usage(first), Some((3, 4)));
+        assert_eq!(find_usage(br#"{"choices":[]}"#), None);
+    }
+
+    #[test]
+    fn the_meter_reads_usage_across_chunks_and_holds_little() {
+        let record = Arc::new(OnceLock::new());
+        let pricing = Pricing {
+            input: Some(1.0),
+            output: Some(2.0),
+            ..Pricing::default()
+        };
+        let mut meter = UsageMeter::new(Some(pricing), None, record.clone());
+        let filler = format!(
+            r#"{{"choices":[{{"message":{{"content":"{}"}}}}],"#,
+            "x".repeat(100_000)
+        );
+        meter.observe(filler.as_bytes());
+        meter.observe(br#""usage":{"prompt_to"#);
+        meter.observe(br#"kens":1000000,"completion_tokens":500000}}"#);
+        assert!(meter.tail.len() <= 2 * TAIL && meter.head.len() <= HEAD);
+        meter.finish();
+        let usage = record.get().unwrap();
+        assert_eq!(
+            (usage.prompt_tokens, usage.completion_tokens),
+            (1_000_000, 500_000)
+        );
+        assert_eq!(usage.cost_usd, Some(2.0));
+    }
+
+    #[test]
+    fn null_prices_give_no_cost() {
+        let p = Pricing::default();
+        assert_eq!(p.cost(10, 10), None);
+        assert_eq!(p.comparable(), None);
+        let per_request = Pricing {
+            per_request: Some(0.04),
+            ..Pricing::default()
+        };
+        assert_eq!(per_request.cost(0, 0), Some(0.04));
+    }
+}
