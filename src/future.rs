@@ -224,7 +224,7 @@ where
             target: "tower_model_fallback",
             "model_fallback",
             method = %head.method,
-            path = head.uri.path(),
+            path = %head.uri.path(),
         );
         let collector = Collector::new(shared.max_body_bytes);
         let failed = collector
@@ -594,8 +594,10 @@ where
             self.shared
                 .stats
                 .attempt(current.index, tally, error, attempt.elapsed);
+            // A request falls back when it tries a second target, or starts past a skipped one.
             let first = self.report.attempts.first().map(|a| a.target_index);
-            if !self.fell_back && first.is_some_and(|f| f != current.index) {
+            let moved_on = first.map_or(!self.report.skipped.is_empty(), |f| f != current.index);
+            if !self.fell_back && moved_on {
                 self.fell_back = true;
                 self.shared.stats.fell_back();
             }

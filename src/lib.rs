@@ -140,6 +140,7 @@ mod future;
 mod health;
 mod json;
 mod layer;
+mod multipart;
 mod policy;
 mod report;
 mod request;

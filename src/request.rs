@@ -10,6 +10,7 @@ use http::{request, Extensions, Method, Request};
 use crate::body::ReplayBody;
 use crate::error::FallbackError;
 use crate::json::{self, ModelSlots};
+use crate::multipart::{self, ModelParts};
 use crate::target::Target;
 
 /// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
@@ -58,7 +59,7 @@ pub(crate) struct Prepared {
     caller_credentials: Vec<(HeaderName, HeaderValue)>,
     extensions: Extensions,
     body: Bytes,
-    slots: Option<ModelSlots>,
+    plan: BodyPlan,
     send_content_length: bool,
     pub(crate) requested_model: Option<Arc<str>>,
 }
@@ -90,11 +91,13 @@ impl Prepared {
         let send_content_length = !body.is_empty()
             || headers.contains_key(header::CONTENT_LENGTH)
             || matches!(method, Method::POST | Method::PUT | Method::PATCH);
-        let slots = locate_model(&headers, &body)?;
-        let requested_model = slots
-            .as_ref()
-            .and_then(|s| json::requested_model(&body, s))
-            .map(Arc::from);
+        let plan = locate_model(&headers, &body)?;
+        let requested_model = match &plan {
+            BodyPlan::Json(slots) => json::requested_model(&body, slots),
+            BodyPlan::Multipart(parts) => parts.requested_model(&body),
+            BodyPlan::Unchanged => None,
+        }
+        .map(Arc::from);
 
         // Headers named by `connection` are hop-by-hop too.
         let named: Vec<HeaderName> = headers
@@ -128,7 +131,7 @@ impl Prepared {
             caller_credentials,
             extensions,
             body,
-            slots,
+            plan,
             send_content_length,
             requested_model,
         })
@@ -136,25 +139,28 @@ impl Prepared {
 
     /// The request for `target`: its URI, its credential, its model in the body.
     pub(crate) fn attempt(&self, target: &Target) -> Result<AttemptPlan, FallbackError> {
-        let uri = target
-            .uri_for(&self.path_and_query)
-            .map_err(|e| FallbackError::request(e.into()))?;
-        let (segments, model, substituted) = match (&self.slots, &target.model) {
-            (Some(slots), Some(model)) => (
-                slots.splice(&self.body, &model.literal),
-                Some(model.id.clone()),
-                true,
-            ),
-            _ => (
-                if self.body.is_empty() {
-                    Vec::new()
-                } else {
-                    vec![self.body.clone()]
-                },
-                self.requested_model.clone(),
-                false,
-            ),
+        let spliced = match (&self.plan, &target.model) {
+            (BodyPlan::Json(slots), Some(model)) => Some(slots.splice(&self.body, &model.literal)),
+            (BodyPlan::Multipart(parts), Some(model)) => parts.splice(&self.body, &model.id),
+            _ => None,
         };
+        let substituted = spliced.is_some();
+        let model = match (&target.model, substituted) {
+            (Some(model), true) => Some(model.id.clone()),
+            _ => self.requested_model.clone(),
+        };
+        let segments = spliced.unwrap_or_else(|| {
+            if self.body.is_empty() {
+                Vec::new()
+            } else {
+                vec![self.body.clone()]
+            }
+        });
+        // A `{model}` in the base URL takes the target's model, else the caller's.
+        let url_model = target.get_model().or(self.requested_model.as_deref());
+        let uri = target
+            .uri_for(&self.path_and_query, url_model)
+            .map_err(FallbackError::request)?;
         let body = ReplayBody::from_segments(segments);
 
         let mut headers = self.headers.clone();
@@ -184,24 +190,43 @@ impl Prepared {
     }
 }
 
-/// Where the model goes, or `None` when the body is sent as it is.
-fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<Option<ModelSlots>, FallbackError> {
+/// Where the model goes in a body.
+enum BodyPlan {
+    /// A JSON object: its top-level `"model"` members.
+    Json(ModelSlots),
+    /// `multipart/form-data`: its `model` fields.
+    Multipart(ModelParts),
+    /// Anything else (empty, other types, compressed, malformed multipart): sent as it is.
+    Unchanged,
+}
+
+/// Where the model goes; invalid JSON under a JSON content type is an error.
+fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<BodyPlan, FallbackError> {
     if body.is_empty() {
-        return Ok(None);
+        return Ok(BodyPlan::Unchanged);
     }
     let encoded = headers
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     if encoded {
-        return Ok(None);
+        return Ok(BodyPlan::Unchanged);
+    }
+    if let Some(boundary) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(multipart::boundary)
+    {
+        return Ok(
+            multipart::locate(body, &boundary).map_or(BodyPlan::Unchanged, BodyPlan::Multipart)
+        );
     }
     match content_type_is_json(headers) {
         Some(true) => json::locate(body)
-            .map(Some)
+            .map(BodyPlan::Json)
             .map_err(|e| FallbackError::invalid_json(e.to_string())),
         // No content type: substitute when the body is a JSON object, else send it unchanged.
-        None => Ok(json::locate(body).ok()),
-        Some(false) => Ok(None),
+        None => Ok(json::locate(body).map_or(BodyPlan::Unchanged, BodyPlan::Json)),
+        Some(false) => Ok(BodyPlan::Unchanged),
     }
 }
 

@@ -71,7 +71,9 @@ impl Target {
                 format!("{raw:?} is a relative URL; give scheme and host, e.g. https://api.openai.com/v1"),
             ));
         }
-        let uri: Uri = given
+        // `{model}` (an Azure deployment, a Gemini-style path) is filled in per attempt.
+        let templated = given.replace("{model}", MODEL_PLACEHOLDER);
+        let uri: Uri = templated
             .parse()
             .map_err(|e| ConfigError::new(field, format!("{raw:?} is not a valid URL: {e}")))?;
         let scheme = match uri.scheme() {
@@ -230,23 +232,54 @@ impl Target {
         format!("{}://{}{}", self.scheme, self.authority, self.base_path)
     }
 
-    /// The URI of an attempt: the base URL followed by the caller's path and query.
-    pub(crate) fn uri_for(&self, path_and_query: &str) -> Result<Uri, http::Error> {
+    /// The URI of an attempt: the base URL (with `{model}` filled in) followed by the caller's
+    /// path and query.
+    pub(crate) fn uri_for(
+        &self,
+        path_and_query: &str,
+        model: Option<&str>,
+    ) -> Result<Uri, crate::error::BoxError> {
         let joined = if self.base_path.is_empty() {
             Bytes::copy_from_slice(path_and_query.as_bytes())
         } else {
             let mut s = String::with_capacity(self.base_path.len() + path_and_query.len());
-            s.push_str(&self.base_path);
+            if self.base_path.contains(MODEL_PLACEHOLDER) {
+                let model =
+                    model.ok_or("the base URL has {model} but the request names no model")?;
+                s.push_str(
+                    &self
+                        .base_path
+                        .replace(MODEL_PLACEHOLDER, &percent_encode(model)),
+                );
+            } else {
+                s.push_str(&self.base_path);
+            }
             s.push_str(path_and_query);
             Bytes::from(s)
         };
         let pq = PathAndQuery::from_maybe_shared(joined)?;
-        Uri::builder()
+        Ok(Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(pq)
-            .build()
+            .build()?)
     }
+}
+
+/// `{model}` in a base URL, as it is kept once parsed.
+const MODEL_PLACEHOLDER: &str = "%7Bmodel%7D";
+
+/// A model ID as one path segment: everything but unreserved characters percent-encoded.
+fn percent_encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// A URL as error messages may show it: no user info, no query, no fragment.
@@ -318,14 +351,22 @@ mod tests {
     fn joins_the_base_path_and_the_callers_path_like_the_openai_sdk() {
         let t = Target::new("https://api.cometapi.com/v1/").unwrap();
         assert_eq!(
-            t.uri_for("/chat/completions?a=1").unwrap(),
+            t.uri_for("/chat/completions?a=1", None).unwrap(),
             "https://api.cometapi.com/v1/chat/completions?a=1"
         );
         let root = Target::new("http://127.0.0.1:8080").unwrap();
         assert_eq!(
-            root.uri_for("/v1/models").unwrap(),
+            root.uri_for("/v1/models", Some("m")).unwrap(),
             "http://127.0.0.1:8080/v1/models"
         );
+        let azure = Target::new("https://res.openai.azure.com/openai/deployments/{model}").unwrap();
+        assert_eq!(
+            azure
+                .uri_for("/chat/completions?api-version=2024-10-21", Some("gpt-4o mini/é"))
+                .unwrap(),
+            "https://res.openai.azure.com/openai/deployments/gpt-4o%20mini%2F%C3%A9/chat/completions?api-version=2024-10-21"
+        );
+        assert!(azure.uri_for("/chat/completions", None).is_err());
         assert_eq!(root.get_name(), "127.0.0.1");
         assert_eq!(root.host, "127.0.0.1:8080");
     }
