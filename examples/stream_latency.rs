@@ -32,12 +32,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         format!(r#"{{"targets": [{{"name": "upstream", "base_url": "http://{upstream}/v1", "model": "gpt-4o-mini"}}], "attempt_timeout_ms": 30000}}"#)
             .as_bytes(),
     )?;
-    let stack = app::stack(&config.fallback.layer()?, config.fallback.attempt_timeout());
+    let layer = config.fallback.layer()?;
+    let stack = app::stack(&layer, config.fallback.attempt_timeout());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway = listener.local_addr()?;
     tokio::spawn(app::serve(
         listener,
-        app::router(stack),
+        app::router(stack, layer.stats()),
         std::future::pending(),
     ));
 

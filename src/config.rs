@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use tower::retry::budget::TpsBudget;
 
+use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
 use crate::health::Cooldowns;
 use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
@@ -96,6 +97,22 @@ pub struct FallbackConfig {
     /// Fall back on a 400 content-policy refusal (default `false`).
     #[serde(default)]
     pub fall_back_on_content_policy: bool,
+    /// A models list file (the shape of CometAPI's `GET /api/models`) to price the targets with
+    /// (default: none). See [`ModelCatalog`].
+    #[serde(default)]
+    pub models_file: Option<String>,
+    /// With `models_file`: the largest acceptable ratio of a fallback's price to the primary's
+    /// (default 3.0).
+    #[serde(default = "default_price_factor")]
+    pub max_price_factor: f64,
+    /// With `models_file`: refuse to start (`true`) rather than warn (`false`, the default) when a
+    /// fallback is priced above `max_price_factor`.
+    #[serde(default)]
+    pub refuse_pricier_fallbacks: bool,
+}
+
+fn default_price_factor() -> f64 {
+    3.0
 }
 
 /// The `cooldown` section of a [`FallbackConfig`]; every field has a default.
@@ -335,6 +352,15 @@ impl FallbackConfig {
             }
             layer = layer.hedge(Hedge::new(ms(h.delay_ms), h.max_in_flight));
         }
+        if let Some(path) = &self.models_file {
+            let catalog = ModelCatalog::from_file(path)
+                .map_err(|e| ConfigError::new("models_file", e.problem().to_owned()))?;
+            let guard = PriceGuard {
+                max_factor: self.max_price_factor,
+                refuse: self.refuse_pricier_fallbacks,
+            };
+            layer = layer.catalog(catalog, guard)?;
+        }
         if self.fall_back_on_context_length || self.fall_back_on_content_policy {
             layer = layer.classifier(
                 DefaultClassifier::new()
@@ -498,6 +524,30 @@ mod tests {
             &[],
         );
         assert!(layer.is_ok());
+    }
+
+    #[test]
+    fn a_models_file_prices_the_targets() {
+        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models.json");
+        let json = |refuse: bool| {
+            format!(
+                r#"{{"targets": [{{"base_url": "http://a.example", "model": "gpt-4o-mini"}},
+                               {{"base_url": "http://b.example", "model": "gpt-4o"}}],
+                   "models_file": "{fixture}", "refuse_pricier_fallbacks": {refuse}}}"#
+            )
+        };
+        assert!(build(&json(false), &[]).is_ok());
+        let err = build(&json(true), &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("targets[1].model: gpt-4o costs 16.7x"),
+            "{err}"
+        );
+        let missing = build(
+            r#"{"targets": [{"base_url": "http://a.example"}], "models_file": "/nonexistent/models.json"}"#,
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(missing.field(), "models_file");
     }
 
     #[test]

@@ -39,7 +39,7 @@ async fn gateway(
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        app::serve(listener, app::router(stack), async {
+        app::serve(listener, app::router(stack, layer.stats()), async {
             let _ = rx.await;
         })
         .await
@@ -309,7 +309,10 @@ async fn the_gateway_serves_as_an_axum_router_service() {
         format!(r#"{{"targets": [{{"base_url": "{}/v1"}}]}}"#, up.url()).as_bytes(),
     )
     .unwrap();
-    let router = app::router(app::stack(&config.fallback.layer().unwrap(), None));
+    let router = {
+        let layer = config.fallback.layer().unwrap();
+        app::router(app::stack(&layer, None), layer.stats())
+    };
     let response = router
         .oneshot(
             Request::post("/v1/chat/completions")
@@ -320,13 +323,16 @@ async fn the_gateway_serves_as_an_axum_router_service() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let health = app::router(app::stack(&config.fallback.layer().unwrap(), None))
-        .oneshot(
-            Request::get("/healthz")
-                .body(axum::body::Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let health = {
+        let layer = config.fallback.layer().unwrap();
+        app::router(app::stack(&layer, None), layer.stats())
+    }
+    .oneshot(
+        Request::get("/healthz")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(health.status(), 200);
 }

@@ -26,7 +26,8 @@ use tokio::net::TcpListener;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceExt};
 use tower_model_fallback::{
-    ConfigError, Fallback, FallbackConfig, FallbackError, FallbackLayer, FallbackReport, ReplayBody,
+    ConfigError, Fallback, FallbackConfig, FallbackError, FallbackLayer, FallbackReport,
+    ReplayBody, Stats,
 };
 
 /// The gateway's config: where to listen, and a [`FallbackConfig`].
@@ -119,11 +120,29 @@ pub fn stack(layer: &FallbackLayer, attempt_timeout: Option<Duration>) -> Stack 
     tower::Layer::layer(layer, inner)
 }
 
-/// `/v1/*` proxied through the fallback stack; `GET /healthz` answers `ok`.
-pub fn router(stack: Stack) -> Router {
+/// `/v1/*` proxied through the fallback stack; `GET /stats` the layer's counters as JSON;
+/// `GET /healthz` answers `ok`.
+pub fn router(stack: Stack, stats: Stats) -> Router {
     Router::new()
         .route("/healthz", any(|| async { "ok" }))
+        .route(
+            "/stats",
+            axum::routing::get(move || {
+                let snapshot = stats.snapshot();
+                async move { axum::Json(snapshot) }
+            }),
+        )
         .nest_service("/v1", any(proxy).with_state(stack))
+}
+
+/// Logs a one-line summary of the counters every `period`, forever.
+pub async fn log_stats(stats: Stats, period: Duration) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        tracing::info!(target: "gateway", "stats: {}", stats.snapshot());
+    }
 }
 
 /// Forwards one request; the answer streams back with `x-fallback-*` headers.

@@ -77,7 +77,11 @@ async fn main() -> ExitCode {
             "  (add \"stream\": true for server-sent events; every other request falls back)"
         );
     }
-    match app::serve(listener, app::router(stack), shutdown()).await {
+    tokio::spawn(app::log_stats(
+        layer.stats(),
+        std::time::Duration::from_secs(60),
+    ));
+    match app::serve(listener, app::router(stack, layer.stats()), shutdown()).await {
         Ok(()) => {
             eprintln!("gateway stopped");
             ExitCode::SUCCESS
