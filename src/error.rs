@@ -235,6 +235,9 @@ impl fmt::Display for FallbackError {
                     Some(crate::report::StopReason::Exhausted) => ", every target failed",
                     Some(crate::report::StopReason::RetryBudget) => ", the retry budget is spent",
                     Some(crate::report::StopReason::Deadline) => ", the overall deadline passed",
+                    Some(crate::report::StopReason::Unready) => {
+                        ", the inner service failed to get ready"
+                    }
                     _ => "",
                 };
                 write!(

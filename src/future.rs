@@ -45,8 +45,8 @@ pin_project_lite::pin_project! {
     enum State<B, F> {
         // Reading the caller's body.
         Collecting { #[pin] body: B },
-        // Backing off before retrying the same target.
-        Waiting { #[pin] sleep: tokio::time::Sleep },
+        // Backing off before retrying the same target (no timer without a tokio runtime).
+        Waiting { #[pin] sleep: Option<tokio::time::Sleep> },
         // Waiting for the inner service to be ready for the next attempt.
         Ready,
         // An attempt in flight.
@@ -88,39 +88,67 @@ where
     /// The overall deadline: when, and a timer that wakes us then.
     deadline: Option<(Instant, Pin<Box<tokio::time::Sleep>>)>,
     peek: Option<Peek<R>>,
-    /// The last response, dropped once the next attempt is sent.
-    pending: Option<Peek<R>>,
-    /// Hedged attempts in flight, and the last failure among finished ones when it was an error.
-    flights: Vec<Flight<S::Future>>,
+    /// The last failure, handed back if no further attempt is made: a response (with its index
+    /// in the report) or an error. A response is dropped once the next attempt is sent.
+    pending: Option<(Peek<R>, usize)>,
     last_error: Option<BoxError>,
+    /// Hedged attempts in flight.
+    flights: Vec<Flight<S::Future, R>>,
     /// A hedged attempt failed: start the next one without waiting for the timer.
     launch_now: bool,
-    /// This request has tried a second target (counted once in the stats).
+    /// Why no further hedged attempt may start.
+    stopped: Option<StopReason>,
+    /// This request has moved past its first target (counted once in the stats).
     fell_back: bool,
     span: tracing::Span,
-}
-
-/// One hedged attempt in flight.
-struct Flight<F> {
-    current: Current,
-    future: Pin<Box<F>>,
 }
 
 /// A target chosen for the next call.
 #[derive(Clone, Copy)]
 struct Upcoming {
     index: usize,
+    /// The health store admitted it as the target's one probe.
+    probe: bool,
     /// The health store admitted it: its outcome must be recorded there.
     admitted: bool,
+    /// Not the request's first attempt: it draws on the retry budget when it is sent.
+    charged: bool,
 }
 
 /// The attempt in flight.
 struct Current {
     index: usize,
     admitted: bool,
+    probe: bool,
     model: Option<Arc<str>>,
     substituted: bool,
     started: Instant,
+}
+
+/// One hedged attempt in flight: waiting for its head, or reading the start of its body.
+struct Flight<F, R: Body> {
+    current: Current,
+    stage: Stage<F, R>,
+}
+
+enum Stage<F, R: Body> {
+    Calling(Pin<Box<F>>),
+    Reading(Peek<R>, Option<Pin<Box<tokio::time::Sleep>>>),
+}
+
+/// An attempt's outcome, assessed: its response (if any), what happened, what the policy says,
+/// and the start of its body (for cooldown hints).
+struct Assessment<R: Body> {
+    peek: Peek<R>,
+    outcome: AttemptOutcome,
+    decision: Decision,
+    body: Option<Vec<u8>>,
+}
+
+/// A response head: assessed on its own, or to be read further.
+enum Head<R: Body> {
+    Assessed(Assessment<R>),
+    Read(Peek<R>),
 }
 
 /// What comes after an attempt that did not end the request.
@@ -255,14 +283,28 @@ where
                 deadline: None,
                 peek: None,
                 pending: None,
-                flights: Vec::new(),
                 last_error: None,
+                flights: Vec::new(),
                 launch_now: false,
+                stopped: None,
                 fell_back: false,
                 span,
             },
         }
     }
+}
+
+/// A tokio timer, when there is a tokio runtime to drive it (the layer's timers need its time
+/// driver; without a runtime, reads are bounded in size only and backoffs are not waited).
+fn timer(duration: Duration) -> Option<tokio::time::Sleep> {
+    tokio::runtime::Handle::try_current().ok()?;
+    Some(tokio::time::sleep(duration))
+}
+
+/// `now + duration`, saturating far in the future instead of overflowing.
+pub(crate) fn later(now: Instant, duration: Duration) -> Instant {
+    now.checked_add(duration)
+        .unwrap_or_else(|| now + Duration::from_secs(60 * 60 * 24 * 365 * 30))
 }
 
 impl<S, R: Body> Drop for Ctx<S, R>
@@ -272,17 +314,14 @@ where
     fn drop(&mut self) {
         // An admitted attempt that never reached an outcome (the caller dropped the future) must
         // still release the target's probe.
-        let admitted = [
-            self.current.as_ref().map(|c| (c.index, c.admitted)),
-            self.upcoming.map(|u| (u.index, u.admitted)),
-        ];
-        let flights = self
-            .flights
-            .iter()
-            .map(|f| (f.current.index, f.current.admitted));
-        let all: Vec<(usize, bool)> = admitted.into_iter().flatten().chain(flights).collect();
-        for (index, _) in all.into_iter().filter(|(_, a)| *a) {
-            self.tell_health(index, HealthOutcome::Neutral);
+        if let Some(c) = self.current.take() {
+            self.release_admission(c.index, c.admitted, c.probe);
+        }
+        if let Some(u) = self.upcoming.take() {
+            self.release_admission(u.index, u.admitted, u.probe);
+        }
+        for f in std::mem::take(&mut self.flights) {
+            self.release_admission(f.current.index, f.current.admitted, f.current.probe);
         }
     }
 }
@@ -291,10 +330,16 @@ impl<S, R: Body> Ctx<S, R>
 where
     S: Service<Request<ReplayBody>>,
 {
-    fn tell_health(&self, index: usize, outcome: HealthOutcome) {
-        if let (Some(health), Some(key)) = (&self.shared.health, self.shared.target_keys.get(index))
-        {
-            health.record(TargetId { index, key }, outcome);
+    fn tell_health(&self, index: usize, outcome: HealthOutcome, probe: bool) {
+        if let (Some(health), Some(id)) = (&self.shared.health, self.target_id(index)) {
+            health.record(id, outcome, probe);
+        }
+    }
+
+    /// Gives back an admission that will not be used.
+    fn release_admission(&self, index: usize, admitted: bool, probe: bool) {
+        if admitted {
+            self.tell_health(index, HealthOutcome::Neutral, probe);
         }
     }
 
@@ -337,9 +382,9 @@ where
             budget.deposit();
         }
         if let Some(limit) = self.shared.deadline {
-            if tokio::runtime::Handle::try_current().is_ok() {
-                let at = Instant::now() + limit;
-                self.deadline = Some((at, Box::pin(tokio::time::sleep_until(at))));
+            if let Some(sleep) = timer(limit) {
+                let at = later(Instant::now(), limit);
+                self.deadline = Some((at, Box::pin(sleep)));
             }
         }
         let n = self.shared.targets.len();
@@ -358,58 +403,60 @@ where
                 self.order.sort_by_key(|i| cooling[*i]);
             }
         }
-        match self.choose_next() {
-            true => Ok(()),
-            false => Err(FallbackError::request("no target could be chosen".into())),
+        if self.choose_next(false) {
+            return Ok(());
+        }
+        // Every target turned out to be cooling (or probed by another request): the same rule.
+        let mut cooling: Vec<(Duration, usize)> = std::mem::take(&mut self.report.skipped)
+            .into_iter()
+            .map(|s| (s.remaining, s.target_index))
+            .collect();
+        cooling.sort();
+        self.order = cooling.into_iter().map(|(_, i)| i).collect();
+        self.cursor = 0;
+        self.forced = true;
+        if self.choose_next(false) {
+            Ok(())
+        } else {
+            Err(FallbackError::request("no target could be chosen".into()))
         }
     }
 
     /// Chooses the next target in `order` that the health store admits, recording the ones it
     /// skips. Sets `upcoming`; false when none is left.
-    fn choose_next(&mut self) -> bool {
+    fn choose_next(&mut self, charged: bool) -> bool {
         while let Some(&index) = self.order.get(self.cursor) {
             self.cursor += 1;
-            if self.forced || self.shared.health.is_none() {
-                self.upcoming = Some(Upcoming {
+            let upcoming = if self.forced || self.shared.health.is_none() {
+                Some(Upcoming {
                     index,
+                    probe: false,
                     admitted: false,
-                });
+                    charged,
+                })
+            } else {
+                self.admit(index, charged)
+            };
+            if let Some(upcoming) = upcoming {
+                self.upcoming = Some(upcoming);
                 return true;
             }
-            if let Some(admitted) = self.admit(index) {
-                self.upcoming = Some(admitted);
-                return true;
-            }
-        }
-        // Everything left was cooling down and nothing was tried yet: try those anyway.
-        if self.report.attempts.is_empty() && !self.forced && !self.report.skipped.is_empty() {
-            self.forced = true;
-            let mut skipped: Vec<(Duration, usize)> = self
-                .report
-                .skipped
-                .iter()
-                .map(|s| (s.remaining, s.target_index))
-                .collect();
-            skipped.sort();
-            self.order = skipped.into_iter().map(|(_, i)| i).collect();
-            self.cursor = 0;
-            return self.choose_next();
         }
         false
     }
 
     /// Asks the health store whether `index` may be tried now; records a skip when it may not.
-    fn admit(&mut self, index: usize) -> Option<Upcoming> {
-        let (Some(health), Some(id)) = (&self.shared.health, self.target_id(index)) else {
-            return Some(Upcoming {
-                index,
-                admitted: false,
-            });
+    fn admit(&mut self, index: usize, charged: bool) -> Option<Upcoming> {
+        let admission = match (&self.shared.health, self.target_id(index)) {
+            (Some(health), Some(id)) => health.admit(id),
+            _ => Admission::Open,
         };
-        match health.admit(id) {
+        match admission {
             Admission::Open | Admission::Probe => Some(Upcoming {
                 index,
+                probe: admission == Admission::Probe,
                 admitted: true,
+                charged,
             }),
             Admission::Cooling(remaining) => {
                 let target = self.shared.targets.get(index).map(|t| t.name.clone());
@@ -432,50 +479,65 @@ where
         }
     }
 
-    /// Builds the upcoming target's request and calls the (ready) inner service.
-    fn call_upcoming(&mut self) -> Result<S::Future, FallbackError> {
+    /// Builds the upcoming target's request and calls the (ready) inner service. `Ok(None)`
+    /// when the retry budget refuses the attempt.
+    fn call_upcoming(&mut self) -> Result<Option<S::Future>, FallbackError> {
         let Some(upcoming) = self.upcoming.take() else {
             return Err(FallbackError::request("no target left to call".into()));
         };
         let index = upcoming.index;
+        let release = |ctx: &Self| ctx.release_admission(index, upcoming.admitted, upcoming.probe);
+        // The budget is drawn on only for an attempt that is actually sent.
+        if upcoming.charged && !self.withdraw() {
+            release(self);
+            return Ok(None);
+        }
         let (Some(prepared), Some(target)) = (&self.prepared, self.shared.targets.get(index))
         else {
+            release(self);
             return Err(FallbackError::request("no target left to call".into()));
         };
         let plan = match prepared.attempt(target) {
             Ok(plan) => plan,
             Err(e) => {
-                if upcoming.admitted {
-                    self.tell_health(index, HealthOutcome::Neutral);
-                }
+                release(self);
                 return Err(e);
             }
         };
         self.pending = None;
+        self.last_error = None;
         self.current = Some(Current {
             index,
             admitted: upcoming.admitted,
+            probe: upcoming.probe,
             model: plan.model,
             substituted: plan.substituted,
             started: Instant::now(),
         });
-        Ok(self.inner.call(plan.request))
+        Ok(Some(self.inner.call(plan.request)))
     }
 
-    /// Calls the upcoming target as a hedged flight.
-    fn launch(&mut self) -> Result<(), FallbackError> {
-        let future = self.call_upcoming()?;
+    /// Calls the upcoming target as a hedged flight. False when the budget refuses it.
+    fn launch(&mut self) -> Result<bool, FallbackError> {
+        let Some(future) = self.call_upcoming()? else {
+            return Ok(false);
+        };
         if let Some(current) = self.current.take() {
             self.flights.push(Flight {
                 current,
-                future: Box::pin(future),
+                stage: Stage::Calling(Box::pin(future)),
             });
         }
-        Ok(())
+        Ok(true)
     }
 
-    /// Drops every hedged flight still running, recording each with `outcome`.
-    fn cancel_flights(&mut self, outcome: &AttemptOutcome) {
+    /// Ends a hedged race: drops the flights still running (recording each with `outcome`) and
+    /// gives back an admission chosen but not launched.
+    fn abandon_race(&mut self, outcome: &AttemptOutcome) {
+        if let Some(u) = self.upcoming.take() {
+            self.release_admission(u.index, u.admitted, u.probe);
+        }
+        self.launch_now = false;
         let kept = self.current.take();
         for flight in std::mem::take(&mut self.flights) {
             self.current = Some(flight.current);
@@ -485,21 +547,18 @@ where
         self.current = kept;
     }
 
-    /// A hedged flight answered with a head: the winner, or one more failure.
-    fn on_hedged_response(&mut self, response: Response<R>) -> Option<Step<R>> {
-        let (head, body) = response.into_parts();
-        let decision = self.decide(&head, None);
-        if !decision.is_retryable() {
-            self.cancel_flights(&AttemptOutcome::Superseded);
-            return Some(self.on_response(Response::from_parts(head, body)));
+    /// A hedged flight finished (its head, and the start of its body when that was needed):
+    /// the winner, or one more failure. `Some` when the request is over.
+    fn on_hedged(&mut self, assessed: Assessment<R>) -> Option<Response<ResponseBody<R>>> {
+        if !assessed.decision.is_retryable() {
+            self.abandon_race(&AttemptOutcome::Superseded);
+            return Some(self.finish(assessed, None));
         }
-        let hint = self.cooldown_hint(head.status, &head.headers, None);
+        let hint = self.cooldown_hint(&assessed);
         self.note_health(HealthOutcome::Failure { at_least: hint });
-        self.record(AttemptOutcome::Status(head.status), Decision::NextTarget);
-        self.pending = Some(Peek::new(
-            Response::from_parts(head, body),
-            Purpose::Classify,
-        ));
+        self.record(assessed.outcome, Decision::NextTarget);
+        let index = self.report.attempts.len() - 1;
+        self.pending = Some((assessed.peek, index));
         self.last_error = None;
         self.launch_now = true;
         None
@@ -519,7 +578,7 @@ where
         if !decision.is_retryable() {
             self.note_health(HealthOutcome::Neutral);
             self.record(outcome, Decision::Return);
-            self.cancel_flights(&AttemptOutcome::Superseded);
+            self.abandon_race(&AttemptOutcome::Superseded);
             return Err(FallbackError::upstream(
                 error,
                 std::mem::take(&mut self.report),
@@ -533,36 +592,36 @@ where
         Ok(())
     }
 
-    /// Nothing in flight and nothing more to start: the last failure is the outcome.
-    fn hedging_exhausted(
+    /// No further attempt: the last failure is the outcome, its response if it had one.
+    fn stop_with_last_failure(
         &mut self,
         reason: StopReason,
     ) -> Result<Response<ResponseBody<R>>, FallbackError> {
-        if let Some(peek) = self.pending.take() {
-            return Ok(self.hand_back(peek, Some(reason)));
+        if let Some((peek, index)) = self.pending.take() {
+            return Ok(self.hand_back(peek, Some(reason), Some(index)));
         }
         self.report.exhausted = reason == StopReason::Exhausted;
         self.report.stop = Some(reason);
-        let error = self
-            .last_error
-            .take()
-            .unwrap_or_else(|| "no hedged attempt could be started".into());
-        Err(FallbackError::upstream(
-            error,
-            std::mem::take(&mut self.report),
-        ))
+        let report = std::mem::take(&mut self.report);
+        Err(match self.last_error.take() {
+            Some(error) => FallbackError::upstream(error, report),
+            None if reason == StopReason::Deadline => FallbackError::deadline(report),
+            None => FallbackError::upstream("no attempt could be made".into(), report),
+        })
     }
 
-    /// Tells the health store what the attempt in flight showed.
+    /// Tells the health store what the attempt in flight showed. Attempts the store did not
+    /// admit (made because every target was cooling, or same-target retries) count too, but
+    /// never as a probe.
     fn note_health(&self, outcome: HealthOutcome) {
         if let Some(current) = &self.current {
-            if current.admitted || self.forced {
-                self.tell_health(current.index, outcome);
+            if current.admitted || outcome != HealthOutcome::Neutral {
+                self.tell_health(current.index, outcome, current.probe);
             }
         }
     }
 
-    /// Records the attempt in flight in the report (and the log).
+    /// Records the attempt in flight in the report, the stats and the log.
     fn record(&mut self, outcome: AttemptOutcome, decision: Decision) {
         let Some(current) = self.current.take() else {
             return;
@@ -665,48 +724,35 @@ where
                 let within_deadline = self
                     .deadline
                     .as_ref()
-                    .is_none_or(|(at, _)| Instant::now() + wait < *at);
+                    .is_none_or(|(at, _)| later(Instant::now(), wait) < *at);
                 if !within_deadline {
                     self.record(outcome, Decision::Return);
                     return Plan::Stop(Some(StopReason::Deadline));
                 }
-                let again = if self.forced {
-                    Some(Upcoming {
-                        index,
-                        admitted: false,
-                    })
-                } else {
-                    self.admit(index)
-                };
-                if let Some(again) = again {
-                    if !self.withdraw() {
-                        self.release(again);
-                        self.record(outcome, Decision::Return);
-                        return Plan::Stop(Some(StopReason::RetryBudget));
-                    }
-                    self.upcoming = Some(again);
-                    self.retries_here += 1;
-                    self.record(outcome, Decision::RetrySame);
-                    return Plan::Retry(wait);
-                }
-                // The target's breaker opened: move on.
+                // A retry of this request's own target, after the wait the target asked for: the
+                // health store is told its outcome but is not asked for admission, since this
+                // target's cooldown is this very failure.
+                self.upcoming = Some(Upcoming {
+                    index,
+                    probe: false,
+                    admitted: false,
+                    charged: true,
+                });
+                self.retries_here += 1;
+                self.record(outcome, Decision::RetrySame);
+                return Plan::Retry(wait);
             }
         }
-        if !self.choose_next() {
+        if !self.choose_next(true) {
             self.record(outcome, Decision::NextTarget);
             return Plan::Stop(Some(StopReason::Exhausted));
         }
-        if self.deadline_passed() || !self.withdraw() {
-            let reason = if self.deadline_passed() {
-                StopReason::Deadline
-            } else {
-                StopReason::RetryBudget
-            };
-            if let Some(upcoming) = self.upcoming.take() {
-                self.release(upcoming);
+        if self.deadline_passed() {
+            if let Some(u) = self.upcoming.take() {
+                self.release_admission(u.index, u.admitted, u.probe);
             }
             self.record(outcome, Decision::Return);
-            return Plan::Stop(Some(reason));
+            return Plan::Stop(Some(StopReason::Deadline));
         }
         self.retries_here = 0;
         self.backoff = None;
@@ -718,13 +764,6 @@ where
         self.shared.budget.as_ref().is_none_or(|b| b.withdraw())
     }
 
-    /// Gives back an admission that will not be used.
-    fn release(&self, upcoming: Upcoming) {
-        if upcoming.admitted {
-            self.tell_health(upcoming.index, HealthOutcome::Neutral);
-        }
-    }
-
     /// The policy's decision on a response head (and the start of its body, when read).
     fn decide(&self, head: &response::Parts, body: Option<&[u8]>) -> Decision {
         self.shared.classifier.classify(&Outcome::Response {
@@ -734,8 +773,8 @@ where
         })
     }
 
-    /// Starts reading a response's body, or decides on its head alone.
-    fn on_response(&mut self, response: Response<R>) -> Step<R> {
+    /// A response head: read the start of its body first, or assess it on its head alone.
+    fn on_head(&self, response: Response<R>) -> Head<R> {
         let status = response.status();
         let limit = self.shared.error_body_limit;
         if status.as_u16() >= 400
@@ -745,7 +784,7 @@ where
                 .classifier
                 .wants_body(status, response.headers())
         {
-            return Step::Read(Peek::new(response, Purpose::Classify));
+            return Head::Read(Peek::new(response, Purpose::Classify));
         }
         let (head, body) = response.into_parts();
         let decision = self.decide(&head, None);
@@ -755,21 +794,30 @@ where
             && self.shared.wait_for_first_chunk
             && !response.body().is_end_stream()
         {
-            return Step::Read(Peek::new(response, Purpose::Commit));
+            return Head::Read(Peek::new(response, Purpose::Commit));
         }
-        let peek = Peek::new(response, Purpose::Classify);
-        self.conclude(peek, AttemptOutcome::Status(status), decision, None)
+        Head::Assessed(Assessment {
+            peek: Peek::new(response, Purpose::Classify),
+            outcome: AttemptOutcome::Status(status),
+            decision,
+            body: None,
+        })
     }
 
-    /// Decides once the start of a body has been read (or failed, or timed out).
-    fn on_read(&mut self, peek: Peek<R>, stop: Stop) -> Step<R> {
+    /// The start of a body has been read (or failed, or timed out): what it shows.
+    fn assess(&self, peek: Peek<R>, stop: Stop) -> Assessment<R> {
         let status = peek.head.status;
         match (peek.purpose, stop) {
             (Purpose::Classify, _) => {
-                let bytes = contiguous(&peek.frames);
-                let prefix = &bytes[..bytes.len().min(self.shared.error_body_limit)];
-                let decision = self.decide(&peek.head, Some(prefix));
-                self.conclude(peek, AttemptOutcome::Status(status), decision, Some(prefix))
+                let mut bytes = contiguous(&peek.frames);
+                bytes.truncate(self.shared.error_body_limit);
+                let decision = self.decide(&peek.head, Some(&bytes));
+                Assessment {
+                    peek,
+                    outcome: AttemptOutcome::Status(status),
+                    decision,
+                    body: Some(bytes),
+                }
             }
             (Purpose::Commit, Stop::Failed | Stop::TimedOut) => {
                 let timeout: BoxError = Box::new(tower::timeout::error::Elapsed::new());
@@ -783,12 +831,16 @@ where
                     Stop::TimedOut => "no first byte within the first-byte timeout".to_owned(),
                     _ => error_chain(error),
                 };
-                let outcome = AttemptOutcome::BodyFailed {
-                    status,
-                    kind,
-                    message,
-                };
-                self.conclude(peek, outcome, decision, None)
+                Assessment {
+                    peek,
+                    outcome: AttemptOutcome::BodyFailed {
+                        status,
+                        kind,
+                        message,
+                    },
+                    decision,
+                    body: None,
+                }
             }
             (Purpose::Commit, Stop::Enough) => {
                 let event = if peek.event_stream {
@@ -797,12 +849,12 @@ where
                     None
                 };
                 let Some(event) = event else {
-                    return self.conclude(
+                    return Assessment {
                         peek,
-                        AttemptOutcome::Status(status),
-                        Decision::Return,
-                        None,
-                    );
+                        outcome: AttemptOutcome::Status(status),
+                        decision: Decision::Return,
+                        body: None,
+                    };
                 };
                 let decision = self.shared.classifier.classify(&Outcome::ErrorEvent {
                     status,
@@ -813,67 +865,83 @@ where
                     status,
                     code: crate::policy::error_code(&event),
                 };
-                self.conclude(peek, outcome, decision, None)
+                Assessment {
+                    peek,
+                    outcome,
+                    decision,
+                    body: None,
+                }
             }
         }
     }
 
     /// Tells the health store, plans what comes next, and either keeps the response (until the
     /// next attempt is sent) or hands it back.
-    fn conclude(
-        &mut self,
-        peek: Peek<R>,
-        outcome: AttemptOutcome,
-        decision: Decision,
-        body: Option<&[u8]>,
-    ) -> Step<R> {
-        let status = peek.head.status;
-        let health = match (&outcome, decision) {
+    fn conclude(&mut self, assessed: Assessment<R>) -> Step<R> {
+        let health = match (&assessed.outcome, assessed.decision) {
             (AttemptOutcome::Status(s), Decision::Return) if s.as_u16() < 400 => {
                 HealthOutcome::Success
             }
             (_, Decision::Return) => HealthOutcome::Neutral,
             _ => HealthOutcome::Failure {
-                at_least: self.cooldown_hint(status, &peek.head.headers, body),
+                at_least: self.cooldown_hint(&assessed),
             },
         };
         self.note_health(health);
-        let retry_after = if decision.is_retryable() {
-            crate::retry::retry_after(&peek.head.headers)
+        let retry_after = if assessed.decision.is_retryable() {
+            crate::retry::retry_after(&assessed.peek.head.headers)
         } else {
             None
         };
-        match self.plan(outcome, decision, retry_after) {
+        let plan = self.plan(assessed.outcome, assessed.decision, retry_after);
+        let index = self.report.attempts.len().saturating_sub(1);
+        match plan {
+            // Kept until the next attempt is actually sent: if it cannot be, this is the last
+            // failure and goes back to the caller.
             Plan::Retry(wait) => {
-                self.pending = Some(peek);
+                self.pending = Some((assessed.peek, index));
                 Step::Wait(wait)
             }
             Plan::Call => {
-                // Kept until the next attempt is actually sent: if the inner service fails to
-                // get ready, this is the last failure and goes back to the caller.
-                self.pending = Some(peek);
+                self.pending = Some((assessed.peek, index));
                 Step::Next
             }
-            Plan::Stop(reason) => Step::Done(self.hand_back(peek, reason)),
+            Plan::Stop(reason) => Step::Done(self.hand_back(assessed.peek, reason, Some(index))),
         }
+    }
+
+    /// Records a hedged winner and hands it back.
+    fn finish(
+        &mut self,
+        assessed: Assessment<R>,
+        reason: Option<StopReason>,
+    ) -> Response<ResponseBody<R>> {
+        let success = matches!(&assessed.outcome, AttemptOutcome::Status(s) if s.as_u16() < 400);
+        self.note_health(if success {
+            HealthOutcome::Success
+        } else {
+            HealthOutcome::Neutral
+        });
+        self.record(assessed.outcome, Decision::Return);
+        let index = self.report.attempts.len().checked_sub(1);
+        self.hand_back(assessed.peek, reason, index)
     }
 
     /// The cooldown a failed response asks for: a long one for an exhausted quota, else its
     /// `Retry-After` on a 429 or 503.
-    fn cooldown_hint(
-        &self,
-        status: StatusCode,
-        headers: &http::HeaderMap,
-        body: Option<&[u8]>,
-    ) -> Option<Duration> {
-        if status == StatusCode::TOO_MANY_REQUESTS
-            && body.and_then(crate::policy::error_code).as_deref() == Some("insufficient_quota")
-        {
+    fn cooldown_hint(&self, assessed: &Assessment<R>) -> Option<Duration> {
+        let head = &assessed.peek.head;
+        let quota = assessed
+            .body
+            .as_deref()
+            .and_then(crate::policy::error_code)
+            .is_some_and(|c| c == "insufficient_quota");
+        if head.status == StatusCode::TOO_MANY_REQUESTS && quota {
             return Some(self.shared.quota_cooldown);
         }
-        match status {
+        match head.status {
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-                crate::retry::retry_after(headers)
+                crate::retry::retry_after(&head.headers)
             }
             _ => None,
         }
@@ -881,7 +949,7 @@ where
 
     /// A meter for the answer's `usage`, when the layer has a catalog and the answer is a
     /// non-streamed JSON success.
-    fn usage_meter(&self, peek: &Peek<R>) -> Option<Box<UsageMeter>> {
+    fn usage_meter(&self, peek: &Peek<R>, served: Option<usize>) -> Option<Box<UsageMeter>> {
         let catalog = self.shared.catalog.as_ref()?;
         let json = peek
             .head
@@ -891,7 +959,7 @@ where
         if !peek.head.status.is_success() || peek.event_stream || !json {
             return None;
         }
-        let served = self.report.served_by()?;
+        let served = self.report.attempts.get(served?)?;
         let pricing = served.model().and_then(|m| catalog.price(m)).copied();
         let stats = self
             .shared
@@ -904,16 +972,17 @@ where
         )))
     }
 
-    /// Hands a response back with the report.
+    /// Hands a response back with the report; `served` is its attempt's index in the report.
     fn hand_back(
         &mut self,
         peek: Peek<R>,
         reason: Option<StopReason>,
+        served: Option<usize>,
     ) -> Response<ResponseBody<R>> {
         self.report.exhausted = reason == Some(StopReason::Exhausted);
         self.report.stop = reason;
-        self.report.served = self.report.attempts.len().checked_sub(1);
-        let meter = self.usage_meter(&peek);
+        self.report.served = served;
+        let meter = self.usage_meter(&peek, served);
         let mut response = peek.into_response(&self.report, meter);
         response
             .extensions_mut()
@@ -938,8 +1007,14 @@ where
             message: error_chain(&*error),
         };
         match self.plan(outcome, decision, None) {
-            Plan::Retry(wait) => Ok(Step::Wait(wait)),
-            Plan::Call => Ok(Step::Next),
+            Plan::Retry(wait) => {
+                self.last_error = Some(error);
+                Ok(Step::Wait(wait))
+            }
+            Plan::Call => {
+                self.last_error = Some(error);
+                Ok(Step::Next)
+            }
             Plan::Stop(reason) => {
                 self.report.exhausted = reason == Some(StopReason::Exhausted);
                 self.report.stop = reason;
@@ -951,31 +1026,23 @@ where
 
     /// The overall deadline passed while waiting: the last failure is the outcome.
     fn on_deadline(&mut self) -> Result<Response<ResponseBody<R>>, FallbackError> {
-        if let Some(upcoming) = self.upcoming.take() {
-            self.release(upcoming);
-        }
-        self.cancel_flights(&AttemptOutcome::Error {
+        let cancelled = AttemptOutcome::Error {
             kind: ErrorKind::Timeout,
             message: "the overall deadline passed".to_owned(),
-        });
+        };
+        self.abandon_race(&cancelled);
         if self.current.is_some() {
-            // The attempt in flight is cancelled.
+            // The attempt in flight is cancelled: it becomes the last failure.
             self.note_health(HealthOutcome::Neutral);
-            let outcome = AttemptOutcome::Error {
-                kind: ErrorKind::Timeout,
-                message: "the overall deadline passed".to_owned(),
-            };
-            self.record(outcome, Decision::Return);
+            self.record(cancelled, Decision::Return);
+            self.pending = None;
+            self.last_error = None;
         }
-        if let Some(peek) = self.pending.take() {
-            return Ok(self.hand_back(peek, Some(StopReason::Deadline)));
-        }
-        self.report.stop = Some(StopReason::Deadline);
-        let report = std::mem::take(&mut self.report);
-        Err(FallbackError::deadline(report))
+        self.stop_with_last_failure(StopReason::Deadline)
     }
 
-    fn timer(&self, purpose: Purpose) -> Option<tokio::time::Sleep> {
+    /// The timer bounding a body read.
+    fn read_timer(&self, purpose: Purpose) -> Option<tokio::time::Sleep> {
         let limit = match purpose {
             Purpose::Commit => self.shared.first_byte_timeout,
             // An error body is read to decide; it must not hold the request forever.
@@ -984,15 +1051,109 @@ where
                 .first_byte_timeout
                 .or(Some(ERROR_BODY_READ_TIMEOUT)),
         }?;
-        // Timers need tokio's time driver; without a runtime, reads are bounded in size only.
-        tokio::runtime::Handle::try_current().ok()?;
-        Some(tokio::time::sleep(limit))
+        timer(limit)
     }
 
-    /// Hands back the last response, kept while the next attempt waited for readiness.
-    fn hand_back_pending(&mut self) -> Option<Response<ResponseBody<R>>> {
-        let peek = self.pending.take()?;
-        Some(self.hand_back(peek, None))
+    /// Moves the hedged flights along; returns the first that finished (its assessment, or the
+    /// error it failed with), removed from the race.
+    #[allow(clippy::type_complexity)]
+    fn poll_flights(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Option<(Current, Result<Assessment<R>, BoxError>)> {
+        let limit = self.shared.error_body_limit;
+        for i in 0..self.flights.len() {
+            loop {
+                let event = match &mut self.flights[i].stage {
+                    Stage::Calling(future) => match future.as_mut().poll(cx) {
+                        Poll::Pending => break,
+                        Poll::Ready(result) => Ok(result.map_err(Into::into)),
+                    },
+                    Stage::Reading(peek, t) => {
+                        match poll_read(peek, t.as_mut().map(|t| t.as_mut()), false, limit, cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(stop) => Err(stop),
+                        }
+                    }
+                };
+                match event {
+                    Ok(Err(error)) => {
+                        let flight = self.flights.swap_remove(i);
+                        return Some((flight.current, Err(error)));
+                    }
+                    Ok(Ok(response)) => match self.on_head(response) {
+                        Head::Assessed(assessed) => {
+                            let flight = self.flights.swap_remove(i);
+                            return Some((flight.current, Ok(assessed)));
+                        }
+                        Head::Read(peek) => {
+                            // Its body decides: keep racing the others while it is read.
+                            let t = self.read_timer(peek.purpose).map(Box::pin);
+                            self.flights[i].stage = Stage::Reading(peek, t);
+                        }
+                    },
+                    Err(stop) => {
+                        let flight = self.flights.swap_remove(i);
+                        let assessed = match flight.stage {
+                            Stage::Reading(peek, _) => Ok(self.assess(peek, stop)),
+                            Stage::Calling(_) => Err("a hedged attempt lost its state".into()),
+                        };
+                        return Some((flight.current, assessed));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Reads the start of a body until enough is there to decide, the body fails, or the timer
+/// fires.
+fn poll_read<R>(
+    peek: &mut Peek<R>,
+    mut timer: Option<Pin<&mut tokio::time::Sleep>>,
+    deadline_passed: bool,
+    limit: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Stop>
+where
+    R: Body + Unpin,
+    R::Error: Into<BoxError>,
+{
+    loop {
+        if peek.satisfied(limit) {
+            return Poll::Ready(if peek.error.is_some() {
+                Stop::Failed
+            } else {
+                Stop::Enough
+            });
+        }
+        if deadline_passed {
+            // Decide on what has arrived; no attempt follows (see `Ctx::plan`).
+            return Poll::Ready(Stop::Enough);
+        }
+        match Pin::new(&mut peek.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) if !data.has_remaining() => {}
+                Some(data) => {
+                    peek.read += data.remaining();
+                    peek.frames.push_back(frame);
+                }
+                None => peek.frames.push_back(frame),
+            },
+            Poll::Ready(Some(Err(e))) => peek.error = Some(e.into()),
+            Poll::Ready(None) => peek.ended = true,
+            Poll::Pending => {
+                let expired = timer
+                    .as_mut()
+                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
+                return if expired {
+                    Poll::Ready(Stop::TimedOut)
+                } else {
+                    Poll::Pending
+                };
+            }
+        }
     }
 }
 
@@ -1022,15 +1183,13 @@ where
 {
     match step {
         Step::Read(peek) => {
-            let timer = ctx.timer(peek.purpose);
+            let timer = ctx.read_timer(peek.purpose);
             ctx.peek = Some(peek);
             state.set(State::Reading { timer });
             None
         }
         Step::Wait(wait) => {
-            state.set(State::Waiting {
-                sleep: tokio::time::sleep(wait),
-            });
+            state.set(State::Waiting { sleep: timer(wait) });
             None
         }
         Step::Next => {
@@ -1045,11 +1204,11 @@ where
 }
 
 /// Calls the upcoming target (the inner service is ready): one attempt, or the first of a
-/// hedged race.
+/// hedged race. `Ok(false)` when the retry budget refused it.
 fn call<B, S, R>(
     state: &mut Pin<&mut State<B, S::Future>>,
     ctx: &mut Ctx<S, R>,
-) -> Result<(), FallbackError>
+) -> Result<bool, FallbackError>
 where
     S: Service<Request<ReplayBody>, Response = Response<R>>,
     S::Error: Into<BoxError>,
@@ -1058,17 +1217,21 @@ where
 {
     match ctx.shared.hedge {
         Some(hedge) => {
-            ctx.launch()?;
+            if !ctx.launch()? {
+                return Ok(false);
+            }
             state.set(State::Hedging {
-                timer: Some(tokio::time::sleep(hedge.delay)),
+                timer: timer(hedge.delay),
             });
         }
         None => {
-            let future = ctx.call_upcoming()?;
+            let Some(future) = ctx.call_upcoming()? else {
+                return Ok(false);
+            };
             state.set(State::Calling { future });
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// An error's message followed by its sources'.
@@ -1155,12 +1318,12 @@ where
                                 _ => Err(FallbackError::request("polled after completion".into())),
                             };
                             // The caller polled our readiness, hence the inner service's: the
-                            // first target is called at once.
-                            if let Err(e) = prepared.and_then(|p| ctx.start(p)) {
-                                this.state.set(State::Done);
-                                return Poll::Ready(Err(e));
-                            }
-                            if let Err(e) = call(&mut this.state, ctx) {
+                            // first target is called at once (the first attempt is not charged
+                            // to the budget, so it is always made).
+                            let first = prepared
+                                .and_then(|p| ctx.start(p))
+                                .and_then(|()| call(&mut this.state, ctx));
+                            if let Err(e) = first {
                                 this.state.set(State::Done);
                                 return Poll::Ready(Err(e));
                             }
@@ -1168,7 +1331,9 @@ where
                     }
                 }
                 StateProj::Waiting { sleep } => {
-                    ready!(sleep.poll(cx));
+                    if let Some(sleep) = sleep.as_pin_mut() {
+                        ready!(sleep.poll(cx));
+                    }
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
@@ -1176,24 +1341,36 @@ where
                         // A failed service cannot take the next attempt: the last failure is
                         // the outcome, its response if it had one.
                         this.state.set(State::Done);
-                        if let Some(upcoming) = ctx.upcoming.take() {
-                            ctx.release(upcoming);
+                        if let Some(u) = ctx.upcoming.take() {
+                            ctx.release_admission(u.index, u.admitted, u.probe);
                         }
-                        if let Some(response) = ctx.hand_back_pending() {
-                            return Poll::Ready(Ok(response));
+                        if ctx.pending.is_some() {
+                            return Poll::Ready(ctx.stop_with_last_failure(StopReason::Unready));
                         }
                         let report = std::mem::take(&mut ctx.report);
                         return Poll::Ready(Err(FallbackError::unready(e.into(), report)));
                     }
-                    if let Err(e) = call(&mut this.state, ctx) {
-                        this.state.set(State::Done);
-                        let report = std::mem::take(&mut ctx.report);
-                        return Poll::Ready(Err(e.with_report(report)));
+                    match call(&mut this.state, ctx) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(
+                                ctx.stop_with_last_failure(StopReason::RetryBudget),
+                            );
+                        }
+                        Err(e) => {
+                            this.state.set(State::Done);
+                            let report = std::mem::take(&mut ctx.report);
+                            return Poll::Ready(Err(e.with_report(report)));
+                        }
                     }
                 }
                 StateProj::Calling { future } => {
                     let step = match ready!(future.poll(cx)) {
-                        Ok(response) => ctx.on_response(response),
+                        Ok(response) => match ctx.on_head(response) {
+                            Head::Assessed(assessed) => ctx.conclude(assessed),
+                            Head::Read(peek) => Step::Read(peek),
+                        },
                         Err(e) => match ctx.on_error(e.into()) {
                             Ok(step) => step,
                             Err(error) => {
@@ -1207,30 +1384,15 @@ where
                     }
                 }
                 StateProj::Hedging { mut timer } => {
-                    // A flight that finished: the winner, or one more failure.
-                    let finished = ctx.flights.iter_mut().enumerate().find_map(|(i, f)| {
-                        match f.future.as_mut().poll(cx) {
-                            Poll::Ready(result) => Some((i, result)),
-                            Poll::Pending => None,
-                        }
-                    });
-                    if let Some((i, result)) = finished {
-                        let flight = ctx.flights.swap_remove(i);
-                        ctx.current = Some(flight.current);
-                        let step = match result {
-                            Ok(response) => ctx.on_hedged_response(response),
-                            Err(e) => match ctx.on_hedged_error(e.into()) {
-                                Ok(()) => None,
-                                Err(error) => {
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(error));
-                                }
-                            },
+                    if let Some((current, finished)) = ctx.poll_flights(cx) {
+                        ctx.current = Some(current);
+                        let done = match finished {
+                            Ok(assessed) => ctx.on_hedged(assessed).map(Ok),
+                            Err(error) => ctx.on_hedged_error(error).err().map(Err),
                         };
-                        if let Some(step) = step {
-                            if let Some(done) = step_to(&mut this.state, ctx, step) {
-                                return Poll::Ready(Ok(done));
-                            }
+                        if let Some(done) = done {
+                            this.state.set(State::Done);
+                            return Poll::Ready(done);
                         }
                         continue;
                     }
@@ -1243,66 +1405,43 @@ where
                         ctx.launch_now = true;
                     }
                     let room = ctx.flights.len() < ctx.shared.hedge.map_or(1, |h| h.max_in_flight);
-                    if ctx.launch_now && room {
+                    if ctx.launch_now && room && ctx.stopped.is_none() {
                         if ctx.upcoming.is_none() {
-                            let stop = if !ctx.choose_next() {
-                                Some(StopReason::Exhausted)
+                            if !ctx.choose_next(true) {
+                                ctx.stopped = Some(StopReason::Exhausted);
                             } else if ctx.deadline_passed() {
-                                Some(StopReason::Deadline)
-                            } else if !ctx.withdraw() {
-                                Some(StopReason::RetryBudget)
-                            } else {
-                                None
-                            };
-                            if stop.is_some() {
-                                if let Some(upcoming) = ctx.upcoming.take() {
-                                    ctx.release(upcoming);
-                                }
-                            }
-                            if let Some(reason) = stop {
-                                ctx.launch_now = false;
-                                if ctx.flights.is_empty() {
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(ctx.hedging_exhausted(reason));
-                                }
-                                return Poll::Pending;
+                                ctx.stopped = Some(StopReason::Deadline);
                             }
                         }
-                        match ctx.inner.poll_ready(cx) {
-                            Poll::Pending => return Poll::Pending,
-                            Poll::Ready(Err(e)) => {
-                                if let Some(upcoming) = ctx.upcoming.take() {
-                                    ctx.release(upcoming);
-                                }
-                                ctx.launch_now = false;
-                                if ctx.flights.is_empty() {
-                                    this.state.set(State::Done);
-                                    if let Some(response) = ctx.hand_back_pending() {
-                                        return Poll::Ready(Ok(response));
+                        if ctx.stopped.is_none() {
+                            match ctx.inner.poll_ready(cx) {
+                                Poll::Pending => return Poll::Pending,
+                                Poll::Ready(Err(_)) => ctx.stopped = Some(StopReason::Unready),
+                                Poll::Ready(Ok(())) => match ctx.launch() {
+                                    Ok(true) => {
+                                        ctx.launch_now = false;
+                                        let delay = ctx.shared.hedge.map(|h| h.delay);
+                                        timer.set(delay.and_then(self::timer));
+                                        continue;
                                     }
-                                    let report = std::mem::take(&mut ctx.report);
-                                    return Poll::Ready(Err(FallbackError::unready(
-                                        e.into(),
-                                        report,
-                                    )));
-                                }
+                                    Ok(false) => ctx.stopped = Some(StopReason::RetryBudget),
+                                    Err(e) => {
+                                        this.state.set(State::Done);
+                                        ctx.abandon_race(&AttemptOutcome::Superseded);
+                                        let report = std::mem::take(&mut ctx.report);
+                                        return Poll::Ready(Err(e.with_report(report)));
+                                    }
+                                },
                             }
-                            Poll::Ready(Ok(())) => {
-                                if let Err(e) = ctx.launch() {
-                                    this.state.set(State::Done);
-                                    let report = std::mem::take(&mut ctx.report);
-                                    return Poll::Ready(Err(e.with_report(report)));
-                                }
-                                ctx.launch_now = false;
-                                let delay = ctx.shared.hedge.map(|h| h.delay);
-                                timer.set(delay.map(tokio::time::sleep));
-                                continue;
-                            }
+                        }
+                        if let Some(u) = ctx.upcoming.take() {
+                            ctx.release_admission(u.index, u.admitted, u.probe);
                         }
                     }
                     if ctx.flights.is_empty() {
                         this.state.set(State::Done);
-                        return Poll::Ready(ctx.hedging_exhausted(StopReason::Exhausted));
+                        let reason = ctx.stopped.unwrap_or(StopReason::Exhausted);
+                        return Poll::Ready(ctx.stop_with_last_failure(reason));
                     }
                     return Poll::Pending;
                 }
@@ -1313,45 +1452,18 @@ where
                         this.state.set(State::Done);
                         continue;
                     };
-                    let stop = loop {
-                        if peek.satisfied(limit) {
-                            break if peek.error.is_some() {
-                                Stop::Failed
-                            } else {
-                                Stop::Enough
-                            };
-                        }
-                        if deadline_passed {
-                            // Decide on what has arrived; no attempt follows (see `plan`).
-                            break Stop::Enough;
-                        }
-                        match Pin::new(&mut peek.body).poll_frame(cx) {
-                            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                                Some(data) if !data.has_remaining() => {}
-                                Some(data) => {
-                                    peek.read += data.remaining();
-                                    peek.frames.push_back(frame);
-                                }
-                                None => peek.frames.push_back(frame),
-                            },
-                            Poll::Ready(Some(Err(e))) => peek.error = Some(e.into()),
-                            Poll::Ready(None) => peek.ended = true,
-                            Poll::Pending => {
-                                let expired = timer
-                                    .as_mut()
-                                    .as_pin_mut()
-                                    .is_some_and(|t| t.poll(cx).is_ready());
-                                if expired {
-                                    break Stop::TimedOut;
-                                }
-                                return Poll::Pending;
-                            }
-                        }
-                    };
+                    let stop = ready!(poll_read(
+                        peek,
+                        timer.as_mut().as_pin_mut(),
+                        deadline_passed,
+                        limit,
+                        cx
+                    ));
                     let Some(peek) = ctx.peek.take() else {
                         continue;
                     };
-                    let step = ctx.on_read(peek, stop);
+                    let assessed = ctx.assess(peek, stop);
+                    let step = ctx.conclude(assessed);
                     if let Some(done) = step_to(&mut this.state, ctx, step) {
                         return Poll::Ready(Ok(done));
                     }

@@ -57,8 +57,11 @@ pub trait HealthStore: Send + Sync + 'static {
     /// How long `target` still cools down (zero when it is available), without side effects.
     fn cooling_for(&self, target: TargetId<'_>) -> Duration;
 
-    /// The outcome of an attempt on `target`.
-    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome);
+    /// The outcome of an attempt on `target`. `probe` tells whether the attempt was the one
+    /// [`Admission::Probe`] admitted: only its record ends the probe. Attempts the store did not
+    /// admit (made because every target was cooling down, or a same-target retry after the wait
+    /// the target asked for) are recorded too, never as the probe.
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome, probe: bool);
 }
 
 /// In-memory cooldowns: after `failures` failures within `window`, or a failure that asks for a
@@ -193,11 +196,15 @@ impl HealthStore for Cooldowns {
         .unwrap_or(Duration::ZERO)
     }
 
-    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome) {
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome, probe: bool) {
         let settings = self.settings;
         self.with(target.index, |s, now| match outcome {
             HealthOutcome::Success => *s = TargetHealth::default(),
-            HealthOutcome::Neutral => s.probing = false,
+            HealthOutcome::Neutral => {
+                if probe {
+                    s.probing = false;
+                }
+            }
             HealthOutcome::Failure { at_least } => {
                 let in_window = s
                     .first_failure
@@ -209,7 +216,7 @@ impl HealthStore for Cooldowns {
                 s.failures = s.failures.saturating_add(1);
                 let mut until = s.open_until;
                 let mut extend = |d: Duration| {
-                    let candidate = now + d;
+                    let candidate = crate::future::later(now, d);
                     until = Some(until.map_or(candidate, |u| u.max(candidate)));
                 };
                 if let Some(d) = at_least {
@@ -221,7 +228,9 @@ impl HealthStore for Cooldowns {
                     extend(settings.cooldown);
                 }
                 s.open_until = until;
-                s.probing = false;
+                if probe {
+                    s.probing = false;
+                }
             }
         });
     }
@@ -242,9 +251,9 @@ mod tests {
             .cooldown(Duration::from_secs(30))
             .for_targets(1);
         let fail = HealthOutcome::Failure { at_least: None };
-        c.record(id(0), fail);
+        c.record(id(0), fail, false);
         assert_eq!(c.admit(id(0)), Admission::Open);
-        c.record(id(0), fail);
+        c.record(id(0), fail, false);
         assert_eq!(c.admit(id(0)), Admission::Cooling(Duration::from_secs(30)));
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(c.admit(id(0)), Admission::Probe);
@@ -253,7 +262,7 @@ mod tests {
             Admission::Cooling(Duration::ZERO),
             "one probe at a time"
         );
-        c.record(id(0), HealthOutcome::Success);
+        c.record(id(0), HealthOutcome::Success, false);
         assert_eq!(c.admit(id(0)), Admission::Open);
     }
 
@@ -267,6 +276,7 @@ mod tests {
             HealthOutcome::Failure {
                 at_least: Some(Duration::from_secs(120)),
             },
+            false,
         );
         tokio::time::advance(Duration::from_secs(10)).await;
         c.record(
@@ -274,8 +284,25 @@ mod tests {
             HealthOutcome::Failure {
                 at_least: Some(Duration::from_secs(1)),
             },
+            false,
         );
         assert_eq!(c.cooling_for(id(0)), Duration::from_secs(110));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endless_cooldown_does_not_overflow() {
+        let c = Cooldowns::new()
+            .failures(1)
+            .cooldown(Duration::MAX)
+            .for_targets(1);
+        c.record(
+            id(0),
+            HealthOutcome::Failure {
+                at_least: Some(Duration::MAX),
+            },
+            false,
+        );
+        assert!(matches!(c.admit(id(0)), Admission::Cooling(_)));
     }
 
     #[tokio::test(start_paused = true)]
@@ -284,9 +311,9 @@ mod tests {
             .failures(2)
             .window(Duration::from_secs(10))
             .for_targets(1);
-        c.record(id(0), HealthOutcome::Failure { at_least: None });
+        c.record(id(0), HealthOutcome::Failure { at_least: None }, false);
         tokio::time::advance(Duration::from_secs(11)).await;
-        c.record(id(0), HealthOutcome::Failure { at_least: None });
+        c.record(id(0), HealthOutcome::Failure { at_least: None }, false);
         assert_eq!(c.admit(id(0)), Admission::Open);
     }
 }

@@ -169,6 +169,8 @@ pub enum StopReason {
     RetryBudget,
     /// The overall deadline passed.
     Deadline,
+    /// The inner service failed while getting ready for the next attempt.
+    Unready,
 }
 
 impl fmt::Display for StopReason {
@@ -177,6 +179,7 @@ impl fmt::Display for StopReason {
             StopReason::Exhausted => "every target was tried",
             StopReason::RetryBudget => "the retry budget is spent",
             StopReason::Deadline => "the overall deadline passed",
+            StopReason::Unready => "the inner service failed to get ready for the next attempt",
         })
     }
 }

@@ -22,6 +22,11 @@ use crate::layer::Shared;
 ///
 /// `poll_ready` is the inner service's, and every attempt after the first waits for the inner
 /// service's readiness again. Dropping the response future cancels the attempt in flight.
+///
+/// Its timers (the 10 s bound on reading an error body, first-byte timeouts, backoffs, the
+/// deadline, hedging) run on tokio's time driver, as tower's `Timeout` does: inside a tokio
+/// runtime, build it with the time driver enabled (`#[tokio::main]` does). Outside any tokio
+/// runtime the layer still works, with reads bounded in size only and backoffs not waited.
 #[derive(Clone)]
 pub struct Fallback<S> {
     inner: S,
