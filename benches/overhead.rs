@@ -101,7 +101,7 @@ fn drain<B: Body + Unpin>(mut body: B) -> usize {
     let mut cx = Context::from_waker(Waker::noop());
     let mut n = 0;
     while let Poll::Ready(Some(Ok(frame))) = std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
-        n += frame.data_ref().map_or(0, |d| bytes::Buf::remaining(d));
+        n += frame.data_ref().map_or(0, bytes::Buf::remaining);
     }
     n
 }

@@ -91,6 +91,12 @@ pub struct FallbackConfig {
     /// Hedged attempts; sequential when absent. Racing is billed twice.
     #[serde(default)]
     pub hedge: Option<HedgeConfig>,
+    /// Statuses that move on to the next target whatever the default table says (default `[]`).
+    #[serde(default)]
+    pub next_target_on: Vec<u16>,
+    /// Statuses handed back to the caller whatever the default table says (default `[]`).
+    #[serde(default)]
+    pub return_on: Vec<u16>,
     /// Fall back on a 400 `context_length_exceeded` (default `false`).
     #[serde(default)]
     pub fall_back_on_context_length: bool,
@@ -361,9 +367,30 @@ impl FallbackConfig {
             };
             layer = layer.catalog(catalog, guard)?;
         }
-        if self.fall_back_on_context_length || self.fall_back_on_content_policy {
+        let statuses = |field: &'static str, codes: &[u16]| {
+            codes
+                .iter()
+                .map(|c| {
+                    http::StatusCode::from_u16(*c)
+                        .ok()
+                        .filter(|s| s.as_u16() >= 400)
+                        .ok_or_else(|| {
+                            ConfigError::new(field, format!("{c} is not an error status (400-599)"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let next_target_on = statuses("next_target_on", &self.next_target_on)?;
+        let return_on = statuses("return_on", &self.return_on)?;
+        let custom = self.fall_back_on_context_length
+            || self.fall_back_on_content_policy
+            || !next_target_on.is_empty()
+            || !return_on.is_empty();
+        if custom {
             layer = layer.classifier(
                 DefaultClassifier::new()
+                    .next_target_on(next_target_on)
+                    .return_on(return_on)
                     .fall_back_on_context_length(self.fall_back_on_context_length)
                     .fall_back_on_content_policy(self.fall_back_on_content_policy),
             );
