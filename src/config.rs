@@ -277,6 +277,20 @@ impl FallbackConfig {
         Ok(config)
     }
 
+    /// Builds a config from an already parsed JSON value (for configs embedded in a larger
+    /// document: remove your own fields first). Errors name the field.
+    pub fn from_value(value: serde_json::Value) -> Result<FallbackConfig, ConfigError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "config".to_owned()
+            } else {
+                path
+            };
+            ConfigError::new(field, e.inner().to_string())
+        })
+    }
+
     /// Reads and parses a JSON config file.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<FallbackConfig, ConfigError> {
         let path = path.as_ref();

@@ -59,10 +59,11 @@ pub fn parse_config(json: &[u8]) -> Result<GatewayConfig, ConfigError> {
             ))
         }
     };
-    let rest = serde_json::to_vec(&value).map_err(|e| config_error("config", e.to_string()))?;
+    // Deserialized from the parsed value: errors name the field, not a position in a
+    // re-encoded document.
     Ok(GatewayConfig {
         listen,
-        fallback: FallbackConfig::from_json(&rest)?,
+        fallback: FallbackConfig::from_value(value)?,
     })
 }
 
