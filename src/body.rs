@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -13,11 +13,12 @@ use http_body::{Body, Frame, SizeHint};
 
 use crate::catalog::UsageMeter;
 use crate::error::BoxError;
+use crate::report::BodyCells;
 
 /// The request body the inner service receives: slices of the caller's one buffered body (with
 /// the target's model spliced in), replayed without copying.
 ///
-/// Cloning is cheap (one reference count), and [`Body::size_hint`] is exact, so inner layers that
+/// Cloning is cheap (a few reference counts), and [`Body::size_hint`] is exact, so inner layers that
 /// need `Request: Clone` (tower's `Retry`, `Hedge`) work, and `content-length` always matches.
 ///
 /// ```
@@ -29,17 +30,46 @@ use crate::error::BoxError;
 /// ```
 #[derive(Clone, Default)]
 pub struct ReplayBody {
-    segments: Option<Arc<[Bytes]>>,
+    segments: Segments,
     next: usize,
     remaining: u64,
+}
+
+/// How many segments a [`ReplayBody`] keeps without allocating.
+const INLINE: usize = 3;
+
+#[derive(Clone)]
+enum Segments {
+    Inline { parts: [Bytes; INLINE], len: usize },
+    Shared(Arc<[Bytes]>),
+}
+
+impl Default for Segments {
+    fn default() -> Self {
+        Segments::Inline {
+            parts: Default::default(),
+            len: 0,
+        }
+    }
 }
 
 impl ReplayBody {
     /// A body that sends `segments` one after the other.
     pub(crate) fn from_segments(segments: Vec<Bytes>) -> Self {
         let remaining = segments.iter().map(|s| s.len() as u64).sum();
+        let segments = if segments.len() <= INLINE {
+            // The usual splice (prefix, model, suffix) is kept inline: no allocation.
+            let mut parts: [Bytes; INLINE] = Default::default();
+            let len = segments.len();
+            for (slot, segment) in parts.iter_mut().zip(segments) {
+                *slot = segment;
+            }
+            Segments::Inline { parts, len }
+        } else {
+            Segments::Shared(Arc::from(segments))
+        };
         ReplayBody {
-            segments: (!segments.is_empty()).then(|| Arc::from(segments)),
+            segments,
             next: 0,
             remaining,
         }
@@ -96,8 +126,9 @@ impl Body for ReplayBody {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        let Some(segments) = &this.segments else {
-            return Poll::Ready(None);
+        let segments: &[Bytes] = match &this.segments {
+            Segments::Inline { parts, len } => &parts[..*len],
+            Segments::Shared(parts) => parts,
         };
         match segments.get(this.next) {
             Some(chunk) => {
@@ -202,7 +233,7 @@ pin_project_lite::pin_project! {
         buffered: VecDeque<Frame<B::Data>>,
         error: Option<BoxError>,
         inner_done: bool,
-        record: Arc<OnceLock<String>>,
+        record: Arc<BodyCells>,
         meter: Option<Box<UsageMeter>>,
         #[pin]
         inner: B,
@@ -215,7 +246,7 @@ impl<B: Body> ResponseBody<B> {
         buffered: VecDeque<Frame<B::Data>>,
         error: Option<BoxError>,
         inner_done: bool,
-        record: Arc<OnceLock<String>>,
+        record: Arc<BodyCells>,
         meter: Option<Box<UsageMeter>>,
     ) -> Self {
         ResponseBody {
@@ -318,17 +349,14 @@ where
 }
 
 /// Records a failure of the body after it was handed back, and yields it.
-fn failed<D>(
-    record: &OnceLock<String>,
-    error: BoxError,
-) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+fn failed<D>(record: &BodyCells, error: BoxError) -> Poll<Option<Result<Frame<D>, BoxError>>> {
     let message = crate::future::error_chain(&*error);
     tracing::warn!(
         target: "tower_model_fallback",
         error = %message,
         "the response body failed after it was handed back",
     );
-    let _ = record.set(message);
+    let _ = record.stream_error.set(message);
     Poll::Ready(Some(Err(error)))
 }
 

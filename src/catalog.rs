@@ -2,11 +2,12 @@
 //! fallbacks before they are added, and the cost of answers that report their `usage`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::report::BodyCells;
 use crate::stats::Stats;
 
 /// A list of models with their prices (USD per million tokens), parsed from the shape of
@@ -225,7 +226,7 @@ pub struct Usage {
 pub(crate) struct UsageMeter {
     pricing: Option<Pricing>,
     stats: Option<(Stats, usize)>,
-    record: Arc<OnceLock<Usage>>,
+    record: Arc<BodyCells>,
     head: Vec<u8>,
     tail: Vec<u8>,
 }
@@ -237,7 +238,7 @@ impl UsageMeter {
     pub(crate) fn new(
         pricing: Option<Pricing>,
         stats: Option<(Stats, usize)>,
-        record: Arc<OnceLock<Usage>>,
+        record: Arc<BodyCells>,
     ) -> Self {
         UsageMeter {
             pricing,
@@ -268,7 +269,7 @@ impl UsageMeter {
         if let Some((stats, target)) = &self.stats {
             stats.usage(*target, prompt, completion, cost);
         }
-        let _ = self.record.set(Usage {
+        let _ = self.record.usage.set(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             cost_usd: cost,
@@ -319,7 +320,7 @@ mod tests {
 
     #[test]
     fn the_meter_reads_usage_across_chunks_and_holds_little() {
-        let record = Arc::new(OnceLock::new());
+        let record = Arc::new(BodyCells::default());
         let pricing = Pricing {
             input: Some(1.0),
             output: Some(2.0),
@@ -335,7 +336,7 @@ mod tests {
         meter.observe(br#"kens":1000000,"completion_tokens":500000}}"#);
         assert!(meter.tail.len() <= 2 * TAIL && meter.head.len() <= HEAD);
         meter.finish();
-        let usage = record.get().unwrap();
+        let usage = record.usage.get().unwrap();
         assert_eq!(
             (usage.prompt_tokens, usage.completion_tokens),
             (1_000_000, 500_000)

@@ -233,7 +233,7 @@ impl<R: Body> Peek<R> {
             self.frames,
             self.error,
             self.ended,
-            record.stream_record(),
+            record.cells(),
             meter,
         );
         Response::from_parts(self.head, body)
@@ -968,7 +968,7 @@ where
         Some(Box::new(UsageMeter::new(
             pricing,
             stats,
-            self.report.usage.clone(),
+            self.report.cells(),
         )))
     }
 

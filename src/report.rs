@@ -32,10 +32,16 @@ pub struct FallbackReport {
     pub(crate) requested_model: Option<Arc<str>>,
     pub(crate) skipped: Vec<Skip>,
     pub(crate) stop: Option<StopReason>,
-    /// Shared with the response body, which records a failure after the commit point.
-    pub(crate) stream_error: Arc<OnceLock<String>>,
-    /// Shared with the response body, which reads the answer's `usage` at its end.
-    pub(crate) usage: Arc<OnceLock<Usage>>,
+    /// Shared with the response body, which records a failure after the commit point and the
+    /// answer's `usage` at its end.
+    pub(crate) cells: Arc<BodyCells>,
+}
+
+/// What the response body learns after it was handed back.
+#[derive(Debug, Default)]
+pub(crate) struct BodyCells {
+    pub(crate) stream_error: OnceLock<String>,
+    pub(crate) usage: OnceLock<Usage>,
 }
 
 impl FallbackReport {
@@ -80,18 +86,18 @@ impl FallbackReport {
     /// mid-stream; the body yielded this error rather than a clean end). Shared by every clone of
     /// this report, so it can be read once the body has been consumed.
     pub fn stream_error(&self) -> Option<&str> {
-        self.stream_error.get().map(String::as_str)
+        self.cells.stream_error.get().map(String::as_str)
     }
 
     /// Token counts and estimated cost of the answer, from its `usage`: set once a non-streamed
     /// JSON answer has been read to its end, when the layer has a
     /// [`ModelCatalog`](crate::ModelCatalog).
     pub fn usage(&self) -> Option<&Usage> {
-        self.usage.get()
+        self.cells.usage.get()
     }
 
-    pub(crate) fn stream_record(&self) -> Arc<OnceLock<String>> {
-        self.stream_error.clone()
+    pub(crate) fn cells(&self) -> Arc<BodyCells> {
+        self.cells.clone()
     }
 
     pub(crate) fn push(&mut self, attempt: Attempt) {

@@ -107,16 +107,24 @@ impl Prepared {
             .flat_map(|v| v.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .collect();
-        for name in named.iter().chain(DROPPED_HEADERS.iter()) {
-            headers.remove(name);
-        }
+        // One pass over the (few) headers present finds what to drop, rather than a hashed
+        // removal for each of the dozen names that could be there.
+        let mut dropped: Vec<HeaderName> = Vec::new();
         let mut caller_credentials = Vec::new();
-        for name in credentials {
-            for value in headers.get_all(name) {
+        for (name, value) in headers.iter() {
+            if credentials.contains(name) {
                 let mut value = value.clone();
                 value.set_sensitive(true);
                 caller_credentials.push((name.clone(), value));
             }
+            let drop = credentials.contains(name)
+                || DROPPED_HEADERS.contains(name)
+                || named.contains(name);
+            if drop && !dropped.contains(name) {
+                dropped.push(name.clone());
+            }
+        }
+        for name in &dropped {
             headers.remove(name);
         }
         let path_and_query = uri
