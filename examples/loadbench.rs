@@ -1,0 +1,338 @@
+//! Load on loopback: the gateway against a plain reverse proxy, and peak memory with large bodies.
+//!
+//! `cargo run --release --example loadbench -- throughput [connections] [seconds]` starts
+//! upstreams on 127.0.0.1 (one answering a fixed chat completion, one answering 503) and drives,
+//! for `seconds` each, over `connections` keep-alive connections:
+//!   (a) a plain hyper/axum reverse proxy with no fallback (the baseline);
+//!   (b) the gateway, primary healthy;
+//!   (c) the gateway, primary answering 503, served by the fallback;
+//!   (d) the same with cooldowns on (the primary is skipped after 3 failures).
+//! It prints requests/s, p50, p99 and p99.9, and each one's throughput against (a).
+//!
+//! `cargo run --release --example loadbench -- memory [requests]` sends `requests` (default 200)
+//! concurrent 1 MiB bodies through the layer over 3 targets (the first two answer 503) and prints
+//! the peak resident memory against the idle baseline.
+//!
+//! Everything runs in this one process on this machine's cores, so figures compare within a run.
+
+#[path = "gateway/app.rs"]
+mod app;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::ServiceExt;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const CHAT: &[u8] = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence, please."}]}"#;
+const ANSWER: &[u8] = br#"{"id":"chatcmpl-bench","object":"chat.completion","model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello there."},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("memory") => memory(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200)).await,
+        Some("throughput") | None => {
+            let connections = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(32);
+            let seconds = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
+            throughput(connections, Duration::from_secs(seconds)).await
+        }
+        Some(other) => Err(format!("unknown mode {other}; use throughput or memory").into()),
+    }
+}
+
+/// An upstream answering every request with `status` and `body`, reading (and dropping) the
+/// request body as it comes.
+async fn upstream(status: u16, body: &'static [u8]) -> Result<SocketAddr, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let service =
+                hyper::service::service_fn(move |request: http::Request<Incoming>| async move {
+                    let mut incoming = request.into_body();
+                    while let Some(Ok(_)) = incoming.frame().await {}
+                    let mut response = http::Response::new(Full::new(Bytes::from_static(body)));
+                    *response.status_mut() = http::StatusCode::from_u16(status).unwrap_or_default();
+                    response.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, Infallible>(response)
+                });
+            // Upstreams read with hyper's smallest buffer, so that their own buffering (which a
+            // real upstream does in another process) does not count against the layer.
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(8192)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+/// The baseline: the same axum server forwarding to one upstream with a plain hyper client.
+async fn plain_proxy(upstream: SocketAddr) -> Result<SocketAddr, BoxError> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, axum::body::Body> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let state = Arc::new((client, upstream));
+    async fn forward(
+        State(state): State<Arc<(Client<HttpConnector, axum::body::Body>, SocketAddr)>>,
+        request: Request,
+    ) -> Response {
+        let (client, upstream) = &*state;
+        let (mut head, body) = request.into_parts();
+        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        head.uri = match format!("http://{upstream}/v1{path}").parse() {
+            Ok(uri) => uri,
+            Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
+        };
+        head.headers.remove(http::header::HOST);
+        match client.request(http::Request::from_parts(head, body)).await {
+            Ok(response) => response.map(axum::body::Body::new).into_response(),
+            Err(_) => http::StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+    let router =
+        axum::Router::new().nest_service("/v1", axum::routing::any(forward).with_state(state));
+    serve(router).await
+}
+
+async fn serve(router: axum::Router) -> Result<SocketAddr, BoxError> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(app::serve(listener, router, std::future::pending()));
+    Ok(addr)
+}
+
+/// The gateway over `targets`, with cooldowns when asked.
+async fn gateway(targets: [SocketAddr; 2], cooldowns: bool) -> Result<SocketAddr, BoxError> {
+    let cooldown = if cooldowns { r#", "cooldown": {}"# } else { "" };
+    let json = format!(
+        r#"{{"targets": [{{"name": "primary", "base_url": "http://{}/v1", "model": "gpt-4o-mini"}},
+                         {{"name": "fallback", "base_url": "http://{}/v1", "model": "gpt-4o-mini"}}],
+             "attempt_timeout_ms": 30000{cooldown}}}"#,
+        targets[0], targets[1]
+    );
+    let config = app::parse_config(json.as_bytes())?;
+    let layer = config.fallback.layer()?;
+    let stack = app::stack(&layer, config.fallback.attempt_timeout());
+    serve(app::router(stack, layer.stats())).await
+}
+
+struct Figures {
+    requests_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+    errors: u64,
+}
+
+/// Drives `addr` with `connections` keep-alive connections for `duration`.
+async fn drive(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+) -> Result<Figures, BoxError> {
+    let deadline = Instant::now() + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let Ok(stream) = tokio::net::TcpStream::connect(addr).await else {
+                return (latencies, 1);
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok((mut sender, connection)) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await
+            else {
+                return (latencies, 1);
+            };
+            tokio::spawn(connection);
+            while Instant::now() < deadline {
+                let request = http::Request::post("/v1/chat/completions")
+                    .header("host", "bench")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(CHAT)))
+                    .unwrap_or_default();
+                let started = Instant::now();
+                if sender.ready().await.is_err() {
+                    errors += 1;
+                    break;
+                }
+                match sender.send_request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        let _ = response.into_body().collect().await;
+                        latencies.push(started.elapsed());
+                    }
+                    Ok(response) => {
+                        let _ = response.into_body().collect().await;
+                        errors += 1;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        break;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, e) = task.await?;
+        all.extend(latencies);
+        errors += e;
+    }
+    all.sort();
+    let pct = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Ok(Figures {
+        requests_per_sec: all.len() as f64 / duration.as_secs_f64(),
+        p50: pct(0.5),
+        p99: pct(0.99),
+        p999: pct(0.999),
+        errors,
+    })
+}
+
+async fn throughput(connections: usize, duration: Duration) -> Result<(), BoxError> {
+    let ok = upstream(200, ANSWER).await?;
+    let down = upstream(
+        503,
+        br#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+    )
+    .await?;
+    let scenarios = [
+        ("(a) plain proxy, no fallback", plain_proxy(ok).await?),
+        (
+            "(b) gateway, primary healthy",
+            gateway([ok, down], false).await?,
+        ),
+        (
+            "(c) gateway, primary 503",
+            gateway([down, ok], false).await?,
+        ),
+        (
+            "(d) gateway, primary 503, cooldowns",
+            gateway([down, ok], true).await?,
+        ),
+    ];
+    println!(
+        "{connections} connections, {}s per scenario, loopback, one process",
+        duration.as_secs()
+    );
+    println!(
+        "{:<38} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "scenario", "req/s", "p50", "p99", "p99.9", "vs (a)", "errors"
+    );
+    let mut baseline = None;
+    for (name, addr) in scenarios {
+        // Warm the connections and pools.
+        drive(addr, connections, Duration::from_millis(500)).await?;
+        let f = drive(addr, connections, duration).await?;
+        let base = *baseline.get_or_insert(f.requests_per_sec);
+        println!(
+            "{name:<38} {:>10.0} {:>9.1?} {:>9.1?} {:>9.1?} {:>7.2}x {:>7}",
+            f.requests_per_sec,
+            f.p50,
+            f.p99,
+            f.p999,
+            f.requests_per_sec / base,
+            f.errors
+        );
+    }
+    Ok(())
+}
+
+/// Resident memory now and at its peak, in KiB (Linux; zero elsewhere).
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn memory(requests: usize) -> Result<(), BoxError> {
+    let down_a = upstream(503, b"{}").await?;
+    let down_b = upstream(503, b"{}").await?;
+    let ok = upstream(200, ANSWER).await?;
+    let layer = tower_model_fallback::FallbackLayer::new(
+        [down_a, down_b, ok]
+            .map(|a| tower_model_fallback::Target::new(format!("http://{a}/v1")).unwrap()),
+    )?;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, tower_model_fallback::ReplayBody> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    let service = tower::Layer::layer(&layer, client);
+    // Warm up: one request, so that the idle figure includes the runtime and the pools.
+    let mut body = vec![b' '; 1 << 20];
+    body[..CHAT.len()].copy_from_slice(CHAT);
+    let warm = http::Request::post("/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.clone())))?;
+    service.clone().oneshot(warm).await?;
+    let (idle, _) = rss_kib();
+    let mut tasks = Vec::new();
+    for _ in 0..requests {
+        // Each caller's body is its own 1 MiB buffer, made just before it is sent.
+        let mut own = vec![b' '; 1 << 20];
+        own[..CHAT.len()].copy_from_slice(CHAT);
+        let request = http::Request::post("/chat/completions")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(own)))?;
+        tasks.push(tokio::spawn(service.clone().oneshot(request)));
+    }
+    let mut served = 0;
+    for task in tasks {
+        let response = task.await??;
+        let report = response
+            .extensions()
+            .get::<tower_model_fallback::FallbackReport>()
+            .cloned()
+            .unwrap_or_default();
+        if response.status() == 200 && report.attempts().len() == 3 {
+            served += 1;
+        }
+        let _ = response.into_body().collect().await;
+    }
+    let (_, peak) = rss_kib();
+    let bodies = requests as u64 * 1024;
+    let limit = (bodies + idle) as f64 * 1.2;
+    println!("{requests} concurrent 1 MiB requests, each through 3 targets ({served} served by the third)");
+    println!("idle RSS            {:>8.1} MiB", idle as f64 / 1024.0);
+    println!("peak RSS            {:>8.1} MiB", peak as f64 / 1024.0);
+    println!("bodies alone        {:>8.1} MiB", bodies as f64 / 1024.0);
+    println!(
+        "peak / (bodies + idle) = {:.2} (goal: at most 1.2, i.e. {:.1} MiB)",
+        peak as f64 / (bodies + idle) as f64,
+        limit / 1024.0
+    );
+    Ok(())
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Regenerates the figures in BENCHMARKS.md: run it, then paste its output into the file.
+# Takes about 6 minutes on 2 cores. Needs valgrind for the instruction counts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "## Machine"
+echo '```'
+echo "$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m), $(rustc --version)"
+grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'
+echo '```'
+echo
+echo "## In-process overhead: instructions per request (scripts/overhead-instructions.sh)"
+echo '```'
+./scripts/overhead-instructions.sh
+echo '```'
+echo
+echo "## In-process overhead: time and allocations (cargo bench --bench overhead)"
+echo '```'
+cargo bench --bench overhead -- --measurement-time 3 2>/dev/null | grep -E 'allocations|^  [a-z]|^overhead/|time:' | grep -v -e '^Benchmarking' -e '%'
+echo '```'
+echo
+echo "## Model substitution: instructions (scripts/substitute-instructions.sh)"
+echo '```'
+./scripts/substitute-instructions.sh
+echo '```'
+echo
+echo "## Model substitution: time (cargo bench --bench substitute)"
+echo '```'
+cargo bench --bench substitute -- --measurement-time 3 2>/dev/null | grep -E '^substitute/|time:' | grep -v -e '^Benchmarking' -e '%'
+echo '```'
+echo
+echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5)"
+echo '```'
+cargo run -q --release --example loadbench -- throughput 32 5
+echo '```'
+echo
+echo "## Memory (cargo run --release --example loadbench -- memory 200)"
+echo '```'
+cargo run -q --release --example loadbench -- memory 200
+echo '```'
+echo
+echo "## Time to first chunk (cargo run --release --example stream_latency)"
+echo '```'
+cargo run -q --release --example stream_latency
+echo '```'
