@@ -72,9 +72,10 @@ impl FallbackError {
         Self::new(Kind::Upstream, Some(source)).with_report(report)
     }
 
-    pub(crate) fn deadline(report: FallbackReport) -> Self {
-        let elapsed = Box::new(tower::timeout::error::Elapsed::new());
-        Self::new(Kind::Deadline, Some(elapsed)).with_report(report)
+    /// The deadline ended the request; `last` is the last attempt's error, if it left one.
+    pub(crate) fn deadline(last: Option<BoxError>, report: FallbackReport) -> Self {
+        let source = last.unwrap_or_else(|| Box::new(tower::timeout::error::Elapsed::new()));
+        Self::new(Kind::Deadline, Some(source)).with_report(report)
     }
 
     pub(crate) fn unready(source: BoxError, report: FallbackReport) -> Self {

@@ -603,10 +603,11 @@ where
         self.report.exhausted = reason == StopReason::Exhausted;
         self.report.stop = Some(reason);
         let report = std::mem::take(&mut self.report);
-        Err(match self.last_error.take() {
-            Some(error) => FallbackError::upstream(error, report),
-            None if reason == StopReason::Deadline => FallbackError::deadline(report),
-            None => FallbackError::upstream("no attempt could be made".into(), report),
+        let last = self.last_error.take();
+        Err(match (reason, last) {
+            (StopReason::Deadline, last) => FallbackError::deadline(last, report),
+            (_, Some(error)) => FallbackError::upstream(error, report),
+            (_, None) => FallbackError::upstream("no attempt could be made".into(), report),
         })
     }
 
@@ -1019,7 +1020,11 @@ where
                 self.report.exhausted = reason == Some(StopReason::Exhausted);
                 self.report.stop = reason;
                 let report = std::mem::take(&mut self.report);
-                Err(FallbackError::upstream(error, report))
+                Err(if reason == Some(StopReason::Deadline) {
+                    FallbackError::deadline(Some(error), report)
+                } else {
+                    FallbackError::upstream(error, report)
+                })
             }
         }
     }

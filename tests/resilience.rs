@@ -549,3 +549,29 @@ async fn when_every_racer_fails_the_last_failure_is_handed_back() {
     assert!(report.is_exhausted());
     assert_eq!((client.count("a"), client.count("b")), (1, 1));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_after_a_transport_error_is_a_deadline_error_carrying_that_error() {
+    let inner = tower::service_fn(
+        |_req: http::Request<tower_model_fallback::ReplayBody>| async {
+            Err::<http::Response<http_body_util::Full<bytes::Bytes>>, tower::BoxError>(Box::new(
+                std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+            ))
+        },
+    );
+    let layer = hosts(&["primary"])
+        .retries(Retries::new(1).base_delay(secs(8)).jitter(false))
+        .deadline(secs(5));
+    let err = layer
+        .layer(inner)
+        .oneshot(chat_request(CHAT))
+        .await
+        .unwrap_err();
+    assert!(err.is_deadline() && err.is_timeout(), "{err}");
+    assert_eq!(err.report().stop_reason(), Some(StopReason::Deadline));
+    let source = std::error::Error::source(&err).expect("the transport error");
+    assert_eq!(
+        tower_model_fallback::ErrorKind::of(source),
+        tower_model_fallback::ErrorKind::Closed
+    );
+}

@@ -210,6 +210,12 @@ pub fn openai_error(error: &FallbackError) -> Response {
             "invalid_request_error",
             "body_unreadable",
         )
+    } else if error.is_deadline() {
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout_error",
+            "deadline_exceeded",
+        )
     } else {
         (
             StatusCode::BAD_GATEWAY,
@@ -233,6 +239,11 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // Small writes (a response head, the first event of a stream) go out at once.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
