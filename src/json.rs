@@ -170,12 +170,7 @@ impl ModelSlots {
 
 /// Validates `buf` as one JSON object and finds its top-level `"model"` members.
 pub(crate) fn locate(buf: &[u8]) -> Result<ModelSlots, JsonError> {
-    if let Err(e) = std::str::from_utf8(buf) {
-        return Err(JsonError {
-            offset: e.valid_up_to(),
-            reason: "invalid UTF-8",
-        });
-    }
+    // Outside strings the grammar admits ASCII only; strings check their own UTF-8.
     let mut s = Scanner { buf, pos: 0 };
     s.skip_ws();
     match s.peek() {
@@ -355,14 +350,20 @@ impl Scanner<'_> {
     fn string(&mut self) -> Result<bool, JsonError> {
         // The position lives in a register here: this loop is where the scanner spends its time.
         let buf = self.buf;
+        let start = self.pos;
         let mut pos = self.pos + 1;
         let mut escaped = false;
+        // High bits seen: only strings can hold non-ASCII bytes, so only those strings need
+        // UTF-8 validation (a whole-body pass cost more than the scan of an ASCII body).
+        let mut high = 0u64;
         loop {
             // Skip plain bytes eight at a time, landing on the first special one.
             while let Some(chunk) = buf.get(pos..pos + 8) {
                 let mut word = [0u8; 8];
                 word.copy_from_slice(chunk);
-                let mask = attention(u64::from_le_bytes(word));
+                let word = u64::from_le_bytes(word);
+                high |= word;
+                let mask = attention(word);
                 if mask != 0 {
                     pos += (mask.trailing_zeros() / 8) as usize;
                     break;
@@ -371,6 +372,11 @@ impl Scanner<'_> {
             }
             match buf.get(pos) {
                 Some(b'"') => {
+                    if high & HIGHS != 0 {
+                        if let Err(e) = std::str::from_utf8(&buf[start + 1..pos]) {
+                            return Err(self.error_at(start + 1 + e.valid_up_to(), "invalid UTF-8"));
+                        }
+                    }
                     self.pos = pos + 1;
                     return Ok(escaped);
                 }
@@ -392,7 +398,10 @@ impl Scanner<'_> {
                 Some(b) if *b < 0x20 => {
                     return Err(self.error_at(pos, "control character in a string"))
                 }
-                Some(_) => pos += 1,
+                Some(b) => {
+                    high |= u64::from(*b);
+                    pos += 1;
+                }
                 None => return Err(self.error_at(pos, "unterminated string")),
             }
         }
@@ -640,6 +649,19 @@ mod tests {
         assert_eq!(
             locate(b"{\"a\":\"\xff\"}").unwrap_err().reason,
             "invalid UTF-8"
+        );
+        let overlong = b"{\"k\":\"caf\xc3\xa9 and a long tail \xe2\x82\"}";
+        assert_eq!(locate(overlong).unwrap_err().reason, "invalid UTF-8");
+        assert_eq!(
+            locate(b"{\"\xc3\x28\":1}").unwrap_err().reason,
+            "invalid UTF-8"
+        );
+        assert_eq!(
+            locate(b"{\"a\":1}\xff").unwrap_err().reason,
+            "trailing characters after the JSON value"
+        );
+        assert!(
+            locate("{\"k\":\"caf\u{e9} \u{1F600} long enough for a word\"}".as_bytes()).is_ok()
         );
     }
 
