@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tower::retry::budget::Budget;
 use tower::{Layer, Service, ServiceExt};
 use tower_model_fallback::{
-    Admission, AttemptOutcome, Cooldowns, FallbackLayer, FallbackReport, HealthOutcome,
-    HealthStore, Hedge, ReplayBody, Retries, StopReason, TargetId,
+    Admission, AttemptOutcome, Cooldowns, HealthOutcome, HealthStore, Hedge, ReplayBody, Retries,
+    StopReason, TargetId,
 };
 
 fn secs(s: u64) -> Duration {
@@ -170,20 +170,6 @@ impl Service<Request<ReplayBody>> for Gated {
         self.state.lock().unwrap().calls += 1;
         self.inner.call(req)
     }
-}
-
-async fn send(layer: &FallbackLayer, client: &Scripted) -> (StatusCode, FallbackReport) {
-    let response = layer
-        .layer(client.clone())
-        .oneshot(chat_request(CHAT))
-        .await
-        .unwrap();
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
-    (response.status(), report)
 }
 
 // 1. choose_next's "nothing tried yet: force the cooling targets" fallback runs after the first

@@ -12,23 +12,9 @@ use tokio::time::Instant;
 use tower::retry::budget::TpsBudget;
 use tower::{Layer, ServiceExt};
 use tower_model_fallback::{
-    AttemptOutcome, Cooldowns, Decision, DefaultClassifier, FallbackLayer, FallbackReport, Hedge,
-    Retries, StopReason,
+    AttemptOutcome, Cooldowns, Decision, DefaultClassifier, FallbackReport, Hedge, Retries,
+    StopReason,
 };
-
-async fn send(layer: &FallbackLayer, client: &Scripted) -> (StatusCode, FallbackReport) {
-    let response = layer
-        .layer(client.clone())
-        .oneshot(chat_request(CHAT))
-        .await
-        .unwrap();
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
-    (response.status(), report)
-}
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)

@@ -530,3 +530,21 @@ pub fn hosts(names: &[&str]) -> FallbackLayer {
     }))
     .unwrap()
 }
+
+/// One chat request through `layer` over `client`: the status and the report.
+pub async fn send(
+    layer: &FallbackLayer,
+    client: &Scripted,
+) -> (StatusCode, tower_model_fallback::FallbackReport) {
+    use tower::ServiceExt;
+    let response = tower::Layer::layer(layer, client.clone())
+        .oneshot(chat_request(CHAT))
+        .await
+        .unwrap();
+    let report = response
+        .extensions()
+        .get::<tower_model_fallback::FallbackReport>()
+        .cloned()
+        .unwrap();
+    (response.status(), report)
+}
