@@ -79,7 +79,7 @@
 //! | 404 whose error body says `model_not_found`, 429 `insufficient_quota` | next target |
 //! | 408, 409, 429, 500, 502, 503, 504, 520–524, 529, every other 5xx | retry same, else next |
 //! | `x-should-retry: false` / `true` on an error status | return / retry same, else next |
-//! | inner error: timeout, connect, closed/reset, `Overloaded`, other I/O | retry same, else next |
+//! | inner error: timeout, connect, closed/reset, `Overloaded`, not HTTP, other I/O | retry same, else next |
 //! | inner error of a kind it does not recognise ([`ErrorKind::Other`]) | an error, at once |
 //! | a success whose body fails, or times out, before its first byte | retry same, else next |
 //! | a stream whose first event is an error object (`data: {"error": …}`) | retry same, else next |

@@ -52,6 +52,8 @@ pub enum ErrorKind {
     Closed,
     /// A load shedder or limiter refused the request (tower's `Overloaded`).
     Overloaded,
+    /// The upstream did not speak HTTP (an unparsable response).
+    Protocol,
     /// Another I/O error.
     Io,
     /// Anything else.
@@ -104,6 +106,9 @@ impl ErrorKind {
             if err.is_closed() || err.is_incomplete_message() || err.is_canceled() {
                 return ErrorKind::Closed;
             }
+            if err.is_parse() || err.is_parse_status() {
+                return ErrorKind::Protocol;
+            }
         }
         if let Some(err) = e.downcast_ref::<io::Error>() {
             return match err.kind() {
@@ -132,6 +137,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Connect => "connect error",
             ErrorKind::Closed => "connection closed",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Protocol => "protocol error",
             ErrorKind::Io => "i/o error",
             ErrorKind::Other => "error",
         })
@@ -202,7 +208,7 @@ pub trait Classify: Send + Sync + 'static {
 /// | 408, 409, 429, every 5xx | retry same (next target when no retries are left) |
 /// | opt-in: 400 `context_length_exceeded`, 400 content-policy refusal | next target |
 /// | every other 4xx (400, 401, 403, 404, 405, 413, 415, 422, …) | return |
-/// | an inner error: timeout, connect, closed/reset, overloaded, other I/O | retry same |
+/// | an inner error: timeout, connect, closed/reset, overloaded, not HTTP, other I/O | retry same |
 /// | an inner error of a kind not recognised ([`ErrorKind::Other`]) | return (as an error) |
 /// | a success whose body fails, or times out, before its first byte | retry same |
 /// | a stream whose first event is an error (`data: {"error": …}`) | retry same |
