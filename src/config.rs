@@ -85,6 +85,11 @@ pub struct FallbackConfig {
     /// A retry budget; no limit when absent.
     #[serde(default)]
     pub retry_budget: Option<BudgetConfig>,
+    /// Keep cooldowns, failure counts and the retry budget in Redis, shared by every replica
+    /// (cargo feature `redis`); in process when absent. Turns cooldowns on (with the `cooldown`
+    /// section's settings, or its defaults).
+    #[serde(default)]
+    pub health_store: Option<HealthStoreConfig>,
     /// The overall deadline of a request in milliseconds (default: none).
     #[serde(default)]
     pub deadline_ms: Option<u64>,
@@ -115,6 +120,111 @@ pub struct FallbackConfig {
     /// fallback is priced above `max_price_factor`.
     #[serde(default)]
     pub refuse_pricier_fallbacks: bool,
+}
+
+impl HealthStoreConfig {
+    /// The Redis URL, from the file or the environment.
+    fn url(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+        allow_inline: bool,
+    ) -> Result<String, ConfigError> {
+        let url = match (&self.redis_url, &self.redis_url_env) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "redis_url",
+                    "give redis_url or redis_url_env, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "redis_url",
+                    "is required (or redis_url_env)",
+                ))
+            }
+            (Some(url), None) => {
+                let authority = url.split_once("://").map_or("", |(_, rest)| rest);
+                let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+                if authority.contains('@') && !allow_inline {
+                    return Err(ConfigError::new(
+                        "redis_url",
+                        "holds a password; name an environment variable with redis_url_env \
+                         (or set allow_inline_keys)",
+                    ));
+                }
+                url.clone()
+            }
+            (None, Some(var)) => env(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                ConfigError::new(
+                    "redis_url_env",
+                    format!("environment variable {var} is not set"),
+                )
+            })?,
+        };
+        if self.refresh_ms == 0 {
+            return Err(ConfigError::new("refresh_ms", "must be at least 1"));
+        }
+        Ok(url)
+    }
+}
+
+#[cfg(feature = "redis")]
+fn shared_health(
+    layer: FallbackLayer,
+    url: &str,
+    config: &HealthStoreConfig,
+    cooldowns: Option<Cooldowns>,
+) -> Result<FallbackLayer, ConfigError> {
+    let store = crate::RedisHealth::new(url, &config.prefix)
+        .and_then(|s| s.refresh(Duration::from_millis(config.refresh_ms)))
+        .map_err(|e| e.within("health_store"))?
+        .cooldowns(cooldowns.unwrap_or_default());
+    Ok(layer.redis_health(store))
+}
+
+#[cfg(feature = "redis")]
+fn shared_budget(
+    layer: FallbackLayer,
+    url: &str,
+    config: &HealthStoreConfig,
+    budget: &BudgetConfig,
+) -> Result<FallbackLayer, ConfigError> {
+    let shared = crate::RedisBudget::new(
+        url,
+        &config.prefix,
+        Duration::from_millis(budget.ttl_ms),
+        budget.min_per_sec,
+        budget.percent,
+    )
+    .and_then(|b| b.refresh(Duration::from_millis(config.refresh_ms)))
+    .map_err(|e| e.within("health_store"))?;
+    Ok(layer.retry_budget(shared))
+}
+
+#[cfg(not(feature = "redis"))]
+fn shared_health(
+    _: FallbackLayer,
+    _: &str,
+    _: &HealthStoreConfig,
+    _: Option<Cooldowns>,
+) -> Result<FallbackLayer, ConfigError> {
+    Err(ConfigError::new(
+        "health_store",
+        "needs tower-model-fallback built with its `redis` feature",
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+fn shared_budget(
+    _: FallbackLayer,
+    _: &str,
+    _: &HealthStoreConfig,
+    _: &BudgetConfig,
+) -> Result<FallbackLayer, ConfigError> {
+    Err(ConfigError::new(
+        "health_store",
+        "needs tower-model-fallback built with its `redis` feature",
+    ))
 }
 
 fn default_price_factor() -> f64 {
@@ -152,6 +262,33 @@ pub struct BudgetConfig {
     /// Retries allowed as a share of requests, 0.0 to 1000.0 (default 0.2).
     #[serde(default = "default_budget_percent")]
     pub percent: f32,
+}
+
+/// The `health_store` section of a [`FallbackConfig`]: where shared state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthStoreConfig {
+    /// The Redis URL, `redis://host:port[/db]`. A URL with a password is refused unless
+    /// `allow_inline_keys` is set; name an environment variable with `redis_url_env` instead.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// The environment variable that holds the Redis URL.
+    #[serde(default)]
+    pub redis_url_env: Option<String>,
+    /// The prefix of every key (default `"tower-model-fallback"`). Gateways with the same prefix
+    /// share their state.
+    #[serde(default = "default_store_prefix")]
+    pub prefix: String,
+    /// How often each replica refreshes its state from Redis, in milliseconds (default 200).
+    #[serde(default = "default_refresh_ms")]
+    pub refresh_ms: u64,
+}
+
+fn default_store_prefix() -> String {
+    "tower-model-fallback".to_owned()
+}
+fn default_refresh_ms() -> u64 {
+    200
 }
 
 /// The `hedge` section of a [`FallbackConfig`].
@@ -333,14 +470,28 @@ impl FallbackConfig {
                 .max_delay(ms(self.retry_max_delay_ms))
                 .max_wait(ms(self.max_retry_wait_ms)),
         );
-        if let Some(c) = &self.cooldown {
-            layer = layer.cooldowns(
-                Cooldowns::new()
-                    .failures(c.failures)
-                    .window(ms(c.window_ms))
-                    .cooldown(ms(c.cooldown_ms))
-                    .quota_cooldown(ms(c.quota_cooldown_ms)),
-            );
+        let cooldowns = self.cooldown.as_ref().map(|c| {
+            Cooldowns::new()
+                .failures(c.failures)
+                .window(ms(c.window_ms))
+                .cooldown(ms(c.cooldown_ms))
+                .quota_cooldown(ms(c.quota_cooldown_ms))
+        });
+        let store = match &self.health_store {
+            Some(store) => Some((
+                store
+                    .url(&env, self.allow_inline_keys)
+                    .map_err(|e| e.within("health_store"))?,
+                store,
+            )),
+            None => None,
+        };
+        match (&store, cooldowns) {
+            (Some((url, config)), cooldowns) => {
+                layer = shared_health(layer, url, config, cooldowns)?;
+            }
+            (None, Some(cooldowns)) => layer = layer.cooldowns(cooldowns),
+            (None, None) => {}
         }
         if let Some(b) = &self.retry_budget {
             if !(1000..=60_000).contains(&b.ttl_ms) {
@@ -358,7 +509,10 @@ impl FallbackConfig {
             if b.min_per_sec >= i32::MAX as u32 {
                 return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
             }
-            layer = layer.retry_budget(TpsBudget::new(ms(b.ttl_ms), b.min_per_sec, b.percent));
+            layer = match &store {
+                Some((url, config)) => shared_budget(layer, url, config, b)?,
+                None => layer.retry_budget(TpsBudget::new(ms(b.ttl_ms), b.min_per_sec, b.percent)),
+            };
         }
         if let Some(d) = self.deadline_ms {
             layer = layer.deadline(ms(d));
@@ -524,6 +678,59 @@ mod tests {
                 "{json}\n  gave: {err}\n  want: {expected}"
             );
             assert!(!err.contains("sk-inline"));
+        }
+    }
+
+    #[test]
+    fn the_health_store_section_is_validated() {
+        let base = r#""targets": [{"base_url": "http://a.example"}]"#;
+        let mut cases = vec![
+            (
+                r#""health_store": {"prefix": "p"}"#,
+                "health_store.redis_url: is required",
+            ),
+            (
+                r#""health_store": {"redis_url": "redis://:pw@127.0.0.1/", "redis_url_env": "R"}"#,
+                "health_store.redis_url: give redis_url or redis_url_env, not both",
+            ),
+            (
+                r#""health_store": {"redis_url": "redis://:hunter2@127.0.0.1/"}"#,
+                "health_store.redis_url: holds a password",
+            ),
+            (
+                r#""health_store": {"redis_url_env": "NO_REDIS"}"#,
+                "health_store.redis_url_env: environment variable NO_REDIS is not set",
+            ),
+            (
+                r#""health_store": {"redis_url": "redis://127.0.0.1/", "refresh_ms": 0}"#,
+                "health_store.refresh_ms: must be at least 1",
+            ),
+            (
+                r#""health_store": {"redis_url": "redis://127.0.0.1/", "refresh": 5}"#,
+                "health_store.refresh: unknown field",
+            ),
+        ];
+        if cfg!(feature = "redis") {
+            cases.push((
+                r#""health_store": {"redis_url": "http://127.0.0.1/"}"#,
+                "health_store.redis_url: is not a Redis URL",
+            ));
+            cases.push((
+                r#""health_store": {"redis_url": "redis://127.0.0.1/", "prefix": ""}"#,
+                "health_store.prefix: must be non-empty",
+            ));
+        } else {
+            cases.push((
+                r#""health_store": {"redis_url": "redis://127.0.0.1/"}"#,
+                "health_store: needs tower-model-fallback built with its `redis` feature",
+            ));
+        }
+        for (extra, expected) in cases {
+            let err = build(&format!("{{{base}, {extra}}}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(expected), "{extra}: {err}");
+            assert!(!err.contains("hunter2"));
         }
     }
 

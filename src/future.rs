@@ -894,8 +894,39 @@ where
         } else {
             None
         };
+        let body_failed = matches!(assessed.outcome, AttemptOutcome::BodyFailed { .. });
         let plan = self.plan(assessed.outcome, assessed.decision, retry_after);
         let index = self.report.attempts.len().saturating_sub(1);
+        if body_failed {
+            // The answer failed before its first byte (dropped, or no byte within the
+            // first-byte timeout): there is no response to hand back, only its error.
+            let mut peek = assessed.peek;
+            let error = peek
+                .error
+                .take()
+                .unwrap_or_else(|| Box::new(tower::timeout::error::Elapsed::new()));
+            drop(peek);
+            return match plan {
+                Plan::Retry(wait) => {
+                    self.last_error = Some(error);
+                    Step::Wait(wait)
+                }
+                Plan::Call => {
+                    self.last_error = Some(error);
+                    Step::Next
+                }
+                Plan::Stop(reason) => {
+                    self.report.exhausted = reason == Some(StopReason::Exhausted);
+                    self.report.stop = reason;
+                    let report = std::mem::take(&mut self.report);
+                    Step::Fail(if reason == Some(StopReason::Deadline) {
+                        FallbackError::deadline(Some(error), report)
+                    } else {
+                        FallbackError::upstream(error, report)
+                    })
+                }
+            };
+        }
         match plan {
             // Kept until the next attempt is actually sent: if it cannot be, this is the last
             // failure and goes back to the caller.
@@ -1172,14 +1203,17 @@ enum Step<R: Body> {
     Next,
     /// Hand it back.
     Done(Response<ResponseBody<R>>),
+    /// End with this error.
+    Fail(FallbackError),
 }
 
-/// Moves the state machine to the step's state; returns the response when it is done.
+/// Moves the state machine to the step's state; returns the outcome when it is done.
+#[allow(clippy::type_complexity)]
 fn step_to<B, S, R>(
     state: &mut Pin<&mut State<B, S::Future>>,
     ctx: &mut Ctx<S, R>,
     step: Step<R>,
-) -> Option<Response<ResponseBody<R>>>
+) -> Option<Result<Response<ResponseBody<R>>, FallbackError>>
 where
     S: Service<Request<ReplayBody>, Response = Response<R>>,
     S::Error: Into<BoxError>,
@@ -1203,7 +1237,11 @@ where
         }
         Step::Done(response) => {
             state.set(State::Done);
-            Some(response)
+            Some(Ok(response))
+        }
+        Step::Fail(error) => {
+            state.set(State::Done);
+            Some(Err(error))
         }
     }
 }
@@ -1385,7 +1423,7 @@ where
                         },
                     };
                     if let Some(done) = step_to(&mut this.state, ctx, step) {
-                        return Poll::Ready(Ok(done));
+                        return Poll::Ready(done);
                     }
                 }
                 StateProj::Hedging { mut timer } => {
@@ -1470,7 +1508,7 @@ where
                     let assessed = ctx.assess(peek, stop);
                     let step = ctx.conclude(assessed);
                     if let Some(done) = step_to(&mut this.state, ctx, step) {
-                        return Poll::Ready(Ok(done));
+                        return Poll::Ready(done);
                     }
                 }
                 StateProj::Done => {

@@ -62,6 +62,12 @@ pub trait HealthStore: Send + Sync + 'static {
     /// admit (made because every target was cooling down, or a same-target retry after the wait
     /// the target asked for) are recorded too, never as the probe.
     fn record(&self, target: TargetId<'_>, outcome: HealthOutcome, probe: bool);
+
+    /// Called once when a layer takes the store, with every target it will ask about. A store
+    /// shared between processes names the targets by their keys there. Does nothing by default.
+    fn bind(&mut self, targets: &[TargetId<'_>]) {
+        let _ = targets;
+    }
 }
 
 /// In-memory cooldowns: after `failures` failures within `window`, or a failure that asks for a
@@ -157,6 +163,32 @@ impl Cooldowns {
 
     pub(crate) fn settings(&self) -> CooldownSettings {
         self.settings
+    }
+
+    /// The same tunables, with no state.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn clone_settings(&self) -> Self {
+        Cooldowns {
+            settings: self.settings,
+            targets: Vec::new(),
+        }
+    }
+
+    /// Whether target `index` has no failure on record and no cooldown.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn is_clean(&self, index: usize) -> bool {
+        self.with(index, |s, _| s.failures == 0 && s.open_until.is_none())
+            .unwrap_or(true)
+    }
+
+    /// Extends the cooldown of target `index` to at least `left` from now (a cooldown learnt
+    /// elsewhere); never shortens it, and leaves the failure count and probe alone.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn extend_cooldown(&self, index: usize, left: Duration) {
+        self.with(index, |s, now| {
+            let until = crate::future::later(now, left);
+            s.open_until = Some(s.open_until.map_or(until, |u| u.max(until)));
+        });
     }
 
     /// Sized for `targets` targets (the layer does this when it is built).

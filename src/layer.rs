@@ -11,7 +11,7 @@ use tower::retry::budget::Budget;
 
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
-use crate::health::{Cooldowns, HealthStore};
+use crate::health::{Cooldowns, HealthStore, TargetId};
 use crate::policy::{Classify, DefaultClassifier};
 use crate::retry::{Hedge, Retries};
 use crate::service::Fallback;
@@ -172,11 +172,28 @@ impl FallbackLayer {
     /// Keeps cooldowns in a store of your own (shared between processes, say) instead of
     /// [`Cooldowns`]. `quota_cooldown` is the cooldown asked for after a 429
     /// `insufficient_quota`.
-    pub fn health_store(mut self, store: impl HealthStore, quota_cooldown: Duration) -> Self {
+    pub fn health_store(mut self, mut store: impl HealthStore, quota_cooldown: Duration) -> Self {
+        let ids: Vec<TargetId<'_>> = self
+            .shared
+            .target_keys
+            .iter()
+            .enumerate()
+            .map(|(index, key)| TargetId { index, key })
+            .collect();
+        store.bind(&ids);
+        drop(ids);
         let shared = Arc::make_mut(&mut self.shared);
         shared.quota_cooldown = quota_cooldown;
         shared.health = Some(Arc::new(store));
         self
+    }
+
+    /// Shares cooldowns and failure counts with other processes through Redis (cargo feature
+    /// `redis`). See [`RedisHealth`](crate::RedisHealth).
+    #[cfg(feature = "redis")]
+    pub fn redis_health(self, store: crate::RedisHealth) -> Self {
+        let quota = store.quota_cooldown();
+        self.health_store(store, quota)
     }
 
     /// Limits retries and fallbacks to a share of recent requests (default: no limit), with

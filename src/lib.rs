@@ -57,7 +57,7 @@
 //! 2. Each attempt goes to the target's base URL followed by the caller's path and query (the
 //!    OpenAI SDK's rule: base `https://api.cometapi.com/v1` + `/chat/completions`). The caller's
 //!    credential headers (`authorization`, `proxy-authorization`, `x-api-key`, `api-key`,
-//!    `x-goog-api-key`), `host`, `content-length` and hop-by-hop headers are removed; the target's
+//!    `x-goog-api-key`, `cookie`), `host`, `content-length` and hop-by-hop headers are removed; the target's
 //!    own credential (marked sensitive) and extra headers are added; everything else, and the
 //!    request extensions, are kept.
 //! 3. The target's model replaces every top-level `"model"` value of a JSON object body (one is
@@ -68,7 +68,8 @@
 //!    [`Decision::Return`] or [`Decision::NextTarget`].
 //! 5. The response is handed back with its body streaming through, and a [`FallbackReport`] in
 //!    its extensions. When every target failed, the last response is handed back untouched; when
-//!    the last failure was an error, the [`FallbackError`] lists every attempt.
+//!    the last failure was an error (including a 2xx whose body failed or timed out before its
+//!    first byte: there is no answer to hand back), the [`FallbackError`] lists every attempt.
 //!
 //! # Default classification
 //!
@@ -142,6 +143,8 @@ mod json;
 mod layer;
 mod multipart;
 mod policy;
+#[cfg(feature = "redis")]
+mod redis_store;
 mod report;
 mod request;
 mod retry;
@@ -152,7 +155,9 @@ mod target;
 
 pub use body::{ReplayBody, ResponseBody};
 pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing, Usage};
-pub use config::{BudgetConfig, CooldownConfig, FallbackConfig, HedgeConfig, TargetConfig};
+pub use config::{
+    BudgetConfig, CooldownConfig, FallbackConfig, HealthStoreConfig, HedgeConfig, TargetConfig,
+};
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
 pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
@@ -160,6 +165,8 @@ pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES}
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
+#[cfg(feature = "redis")]
+pub use redis_store::{RedisBudget, RedisHealth};
 pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
 pub use retry::{Hedge, Retries};
 pub use service::Fallback;
@@ -177,5 +184,17 @@ pub mod __private {
     pub fn substitute(body: &Bytes, model: &str) -> Result<Vec<Bytes>, String> {
         let slots = crate::json::locate(body).map_err(|e| e.to_string())?;
         Ok(slots.splice(body, &crate::json::ModelLiteral::new(model)))
+    }
+
+    /// Substitutes (or inserts) the `model` field of a `multipart/form-data` body with the given
+    /// boundary, as the layer does: `None` when the body is not well-formed multipart for it, or
+    /// the model cannot be a form value.
+    pub fn substitute_multipart(body: &Bytes, boundary: &str, model: &str) -> Option<Vec<Bytes>> {
+        crate::multipart::locate(body, boundary)?.splice(body, model)
+    }
+
+    /// The first `model` field of a `multipart/form-data` body, as the layer reads it.
+    pub fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
+        crate::multipart::locate(body, boundary)?.requested_model(body)
     }
 }

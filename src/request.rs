@@ -14,8 +14,14 @@ use crate::multipart::{self, ModelParts};
 use crate::target::Target;
 
 /// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
-pub(crate) const CREDENTIAL_HEADERS: [&str; 4] =
-    ["authorization", "x-api-key", "api-key", "x-goog-api-key"];
+pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    // A caller's session with the app is not the provider's business.
+    "cookie",
+];
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1), plus the ones rewritten per attempt.
 const DROPPED_HEADERS: [HeaderName; 11] = [

@@ -7,104 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use support::faults::{Fault, FAULTS};
 use support::*;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_model_fallback::{AttemptOutcome, ErrorKind, FallbackLayer, FallbackReport, Target};
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Fault {
-    Refused,
-    ResetBeforeHead,
-    Garbage,
-    StallBeforeHead,
-    HeadThenStall,
-    Status503,
-    Status503RetryAfter,
-    Status429,
-    Status429RetryAfterMs,
-    ResetMidBody,
-    StreamThenDrop,
-}
-
-use Fault::*;
-
-const FAULTS: [Fault; 11] = [
-    Refused,
-    ResetBeforeHead,
-    Garbage,
-    StallBeforeHead,
-    HeadThenStall,
-    Status503,
-    Status503RetryAfter,
-    Status429,
-    Status429RetryAfterMs,
-    ResetMidBody,
-    StreamThenDrop,
-];
-
-impl Fault {
-    /// Whether the fault shows after the first byte of an answer reached the caller.
-    fn after_commit(self) -> bool {
-        matches!(self, ResetMidBody | StreamThenDrop)
-    }
-
-    /// The status a faulty target answers with, when it answers one.
-    fn status(self) -> Option<u16> {
-        match self {
-            Status503 | Status503RetryAfter => Some(503),
-            Status429 | Status429RetryAfterMs => Some(429),
-            HeadThenStall | ResetMidBody | StreamThenDrop => Some(200),
-            _ => None,
-        }
-    }
-
-    /// The error kind an attempt on it records, when it ends in an error.
-    fn kind(self) -> Option<ErrorKind> {
-        match self {
-            Refused => Some(ErrorKind::Connect),
-            ResetBeforeHead => Some(ErrorKind::Closed),
-            Garbage => Some(ErrorKind::Protocol),
-            StallBeforeHead => Some(ErrorKind::Timeout),
-            _ => None,
-        }
-    }
-
-    async fn start(self) -> (SocketAddr, Option<RawUpstream>) {
-        let raw = |bytes: &'static [u8], then| async move {
-            let up = RawUpstream::start(bytes, then).await;
-            (up.addr, Some(up))
-        };
-        match self {
-            Refused => (refused_addr().await, None),
-            ResetBeforeHead => raw(b"", Then::Close).await,
-            Garbage => raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", Then::Close).await,
-            StallBeforeHead => raw(b"", Then::Stall).await,
-            HeadThenStall => raw(SSE_HEAD, Then::Stall).await,
-            Status503 => raw(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}", Then::Close).await,
-            Status503RetryAfter => {
-                raw(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 2\r\n\r\n{}", Then::Close)
-                    .await
-            }
-            Status429 => raw(b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 2\r\n\r\n{}", Then::Close).await,
-            Status429RetryAfterMs => {
-                raw(b"HTTP/1.1 429 Too Many Requests\r\nretry-after-ms: 500\r\ncontent-length: 2\r\n\r\n{}", Then::Close)
-                    .await
-            }
-            ResetMidBody => {
-                raw(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"id\":\"x\",",
-                    Then::Close,
-                )
-                .await
-            }
-            StreamThenDrop => raw(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n13\r\ndata: {\"n\":\"one\"}\n\n\r\n",
-                Then::Close,
-            )
-            .await,
-        }
-    }
-}
 
 /// The layer over `primary` and `fallback`, with a 300 ms per-attempt timeout inside and a
 /// 300 ms first-byte timeout.
@@ -237,7 +143,8 @@ async fn when_every_target_has_the_fault_the_last_failure_comes_back_with_both_a
                 attempt_matches(&report, 0, fault);
                 attempt_matches(&report, 1, fault);
             }
-            (false, None, Err(error)) => {
+            // No response at all, or a head whose body never started: an error.
+            (false, status, Err(error)) if status.is_none() || fault == Fault::HeadThenStall => {
                 assert!(
                     error.is_upstream() && error.report().is_exhausted(),
                     "{fault:?}: {error}"

@@ -2,6 +2,8 @@
 //! closure, plus a client stack wrapped in the layer.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -301,6 +303,8 @@ pub enum Then {
 pub struct RawUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
+    /// Every request received, head and body, as text.
+    pub received: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -317,6 +321,8 @@ impl RawUpstream {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(AtomicUsize::new(0));
         let count = requests.clone();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let log = received.clone();
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
@@ -351,6 +357,9 @@ impl RawUpstream {
                     continue;
                 }
                 count.fetch_add(1, Ordering::SeqCst);
+                log.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf).into_owned());
                 let _ = stream.write_all(response).await;
                 let _ = stream.flush().await;
                 match then {
@@ -362,8 +371,14 @@ impl RawUpstream {
         RawUpstream {
             addr,
             requests,
+            received,
             task,
         }
+    }
+
+    /// Every request received so far, head and body, as text.
+    pub fn received(&self) -> Vec<String> {
+        self.received.lock().unwrap().clone()
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,722 @@
+//! Cooldowns, failure counts and the retry budget shared by several processes through Redis
+//! (cargo feature `redis`).
+//!
+//! The request path never waits on Redis. Each process keeps the state in memory, exactly as
+//! [`Cooldowns`] and tower's [`TpsBudget`] do, and a background task keeps that state and Redis
+//! in step:
+//!
+//! - a failure is sent to the task without waiting (a bounded queue; when it is full the event
+//!   is dropped and only the local state learns of it) and written with one Lua script that
+//!   counts it in a shared window and, when the count reaches the threshold or the failure asks
+//!   for a cooldown (`Retry-After`, an exhausted quota), extends the target's shared cooldown key.
+//!   The key's TTL is the cooldown: a longer one extends it, a shorter one never shortens it, and
+//!   the compare and the write are one atomic script;
+//! - every `refresh` interval the task reads the TTL of every target's cooldown key (one pipelined
+//!   round trip) and extends the local cooldowns to match, so a cooldown learnt by one replica
+//!   reaches the others within one interval;
+//! - if Redis is down or slow (connect and response time-outs of one second), the task logs it
+//!   once, every replica keeps serving on its local state, and when Redis answers again the task
+//!   writes its local cooldowns back (never shortening anything) and logs the recovery.
+//!
+//! A success at a replica that has seen failures of a target resets the target's shared failure
+//! count; the success path of a healthy target sends nothing to Redis. Cooldown keys are never
+//! deleted early: a `Retry-After` is the provider's word for every replica, so they run out on
+//! their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas may send up
+//! to `n` probes. Keys are `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and
+//! `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model`, so several
+//! gateways (with different prefixes, or the same targets under the same prefix) can share one
+//! Redis. The budget's script names its slot keys itself, so it needs a single Redis node, not a
+//! cluster.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Script};
+use tokio::sync::mpsc;
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::error::ConfigError;
+use crate::health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
+
+/// The longest cooldown written to Redis (ten years): longer ones are capped, so that an endless
+/// cooldown cannot overflow Redis's expiry arithmetic.
+const MAX_TTL_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+/// How long connecting to Redis, and each answer from it, may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Events waiting for the background task; more are dropped (the local state still has them).
+const QUEUE: usize = 1024;
+/// The default refresh interval.
+const DEFAULT_REFRESH: Duration = Duration::from_millis(200);
+
+/// A failure: counts it in the shared window and extends the cooldown when it calls for one.
+/// KEYS: fails, cool. ARGV: window ms, threshold, cooldown ms, asked-for cooldown ms (0: none).
+/// Returns the cooldown left in ms (0 when none).
+const FAILURE_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local want = tonumber(ARGV[4])
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl > 0 or n >= tonumber(ARGV[2]) then want = math.max(want, tonumber(ARGV[3])) end
+if want > ttl then
+  redis.call('SET', KEYS[2], '1', 'PX', want)
+  ttl = want
+end
+return math.max(ttl, 0)
+";
+
+/// Extends a cooldown to at least ARGV[1] ms from now; never shortens it. KEYS: cool.
+const EXTEND_SCRIPT: &str = r"
+local want = tonumber(ARGV[1])
+if want > redis.call('PTTL', KEYS[1]) then redis.call('SET', KEYS[1], '1', 'PX', want) end
+return 0
+";
+
+/// Adds this process's deposits and withdrawals to the current slot (by Redis's clock) and
+/// returns the totals over the window. KEYS: the budget key prefix. ARGV: slot ms, slots,
+/// deposits, withdrawals.
+const BUDGET_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local slot_ms = tonumber(ARGV[1])
+local slots = tonumber(ARGV[2])
+local slot = math.floor(now / slot_ms)
+local key = KEYS[1] .. ':' .. slot
+local d, w = tonumber(ARGV[3]), tonumber(ARGV[4])
+if d > 0 then redis.call('HINCRBY', key, 'd', d) end
+if w > 0 then redis.call('HINCRBY', key, 'w', w) end
+if d > 0 or w > 0 then redis.call('PEXPIRE', key, slot_ms * (slots + 1)) end
+local td, tw = 0, 0
+for i = 0, slots - 1 do
+  local v = redis.call('HMGET', KEYS[1] .. ':' .. (slot - i), 'd', 'w')
+  td = td + (tonumber(v[1]) or 0)
+  tw = tw + (tonumber(v[2]) or 0)
+end
+return {td, tw}
+";
+
+fn ttl_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis())
+        .unwrap_or(u64::MAX)
+        .min(MAX_TTL_MS)
+}
+
+/// Where the shared state lives: a Redis URL and a key prefix.
+#[derive(Clone)]
+struct Link {
+    client: Client,
+    prefix: String,
+    refresh: Duration,
+    /// `host:port` (never the password), for logs.
+    addr: String,
+}
+
+impl Link {
+    fn new(url: &str, prefix: &str) -> Result<Self, ConfigError> {
+        let client = Client::open(url)
+            .map_err(|e| ConfigError::new("redis_url", format!("is not a Redis URL ({e})")))?;
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ConfigError::new(
+                "prefix",
+                "must be non-empty, without spaces or control characters",
+            ));
+        }
+        let addr = client.get_connection_info().addr().to_string();
+        Ok(Link {
+            client,
+            prefix: prefix.to_owned(),
+            refresh: DEFAULT_REFRESH,
+            addr,
+        })
+    }
+
+    fn refresh(&mut self, every: Duration) -> Result<(), ConfigError> {
+        if every.is_zero() {
+            return Err(ConfigError::new("refresh_ms", "must be at least 1"));
+        }
+        self.refresh = every;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Link")
+            .field("addr", &self.addr)
+            .field("prefix", &self.prefix)
+            .field("refresh", &self.refresh)
+            .finish()
+    }
+}
+
+/// A connection to Redis that is opened on demand, dropped on any error, and whose outages are
+/// logged once each.
+struct Connection {
+    link: Link,
+    what: &'static str,
+    conn: Option<MultiplexedConnection>,
+    down: bool,
+}
+
+impl Connection {
+    fn new(link: Link, what: &'static str) -> Self {
+        Connection {
+            link,
+            what,
+            conn: None,
+            // Log the first connection too.
+            down: true,
+        }
+    }
+
+    /// The connection, opened if need be; `None` while Redis cannot be reached. `fresh` is set
+    /// when the connection was (re)opened now.
+    async fn get(&mut self, fresh: &mut bool) -> Option<&mut MultiplexedConnection> {
+        if self.conn.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(REDIS_TIMEOUT))
+                .set_response_timeout(Some(REDIS_TIMEOUT));
+            match self
+                .link
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(conn) => {
+                    tracing::info!(
+                        redis = %self.link.addr,
+                        prefix = %self.link.prefix,
+                        "shared {} connected",
+                        self.what
+                    );
+                    self.conn = Some(conn);
+                    self.down = false;
+                    *fresh = true;
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    return None;
+                }
+            }
+        }
+        self.conn.as_mut()
+    }
+
+    fn failed(&mut self, e: &redis::RedisError) {
+        self.conn = None;
+        if !self.down {
+            self.down = true;
+            tracing::warn!(
+                redis = %self.link.addr,
+                error = %e,
+                "shared {} unreachable; serving on local state until it answers",
+                self.what
+            );
+        }
+    }
+}
+
+/// A [`HealthStore`] whose cooldowns and failure counts are shared through Redis by every
+/// process that uses the same Redis and prefix (cargo feature `redis`). See the
+/// [module docs](self) for how it stays off the request path.
+///
+/// It is [`Cooldowns`] in memory plus a background task on the tokio runtime, started the first
+/// time the layer uses it inside one.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_model_fallback::{Cooldowns, FallbackLayer, RedisHealth, Target};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisHealth::new("redis://127.0.0.1:6379/", "llm-gateway")?
+///     .cooldowns(Cooldowns::new().cooldown(Duration::from_secs(30)))
+///     .refresh(Duration::from_millis(200))?;
+/// let layer = FallbackLayer::new([
+///     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini"),
+///     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini"),
+/// ])?
+/// .redis_health(store);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+pub struct RedisHealth {
+    link: Link,
+    cooldowns: Cooldowns,
+    core: Option<Arc<HealthCore>>,
+}
+
+struct HealthCore {
+    local: Cooldowns,
+    keys: Vec<String>,
+    tx: mpsc::Sender<HealthEvent>,
+    task: Mutex<Option<HealthTask>>,
+    started: AtomicBool,
+    dropped: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum HealthEvent {
+    Failure {
+        index: usize,
+        at_least: Option<Duration>,
+    },
+    Success {
+        index: usize,
+    },
+}
+
+/// What the background task needs, until it is started.
+struct HealthTask {
+    rx: mpsc::Receiver<HealthEvent>,
+    link: Link,
+}
+
+impl fmt::Debug for RedisHealth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisHealth")
+            .field("link", &self.link)
+            .field("cooldowns", &self.cooldowns)
+            .field("bound", &self.core.is_some())
+            .finish()
+    }
+}
+
+impl RedisHealth {
+    /// A store on the Redis at `url` (`redis://[:password@]host:port[/db]`), with its keys under
+    /// `prefix`. Nothing connects yet; an invalid URL or prefix is an error.
+    pub fn new(url: &str, prefix: &str) -> Result<Self, ConfigError> {
+        Ok(RedisHealth {
+            link: Link::new(url, prefix)?,
+            cooldowns: Cooldowns::new(),
+            core: None,
+        })
+    }
+
+    /// The failure threshold, window and cooldowns (default [`Cooldowns::new`]); they apply to
+    /// the shared counts as well as the local ones.
+    pub fn cooldowns(mut self, cooldowns: Cooldowns) -> Self {
+        self.cooldowns = cooldowns;
+        self
+    }
+
+    /// How often the local state is refreshed from Redis (default 200 ms): how long a cooldown
+    /// learnt by another replica may take to arrive, and one Redis round trip per interval.
+    pub fn refresh(mut self, every: Duration) -> Result<Self, ConfigError> {
+        self.link.refresh(every)?;
+        Ok(self)
+    }
+
+    /// The cooldown after a 429 `insufficient_quota`.
+    pub(crate) fn quota_cooldown(&self) -> Duration {
+        self.cooldowns.settings().quota_cooldown
+    }
+
+    /// Failures that could not be queued for Redis (the queue was full); the local state still
+    /// has them.
+    pub fn dropped_events(&self) -> u64 {
+        self.core
+            .as_ref()
+            .map_or(0, |c| c.dropped.load(Ordering::Relaxed))
+    }
+
+    fn core(&self) -> Option<&Arc<HealthCore>> {
+        let core = self.core.as_ref()?;
+        if !core.started.load(Ordering::Acquire) {
+            start_health(core);
+        }
+        Some(core)
+    }
+
+    fn send(&self, event: HealthEvent) {
+        if let Some(core) = self.core() {
+            if core.tx.try_send(event).is_err() {
+                core.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Starts the background task if a tokio runtime is at hand (otherwise a later call will).
+fn start_health(core: &Arc<HealthCore>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let mut slot = core.task.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(task) = slot.take() {
+        core.started.store(true, Ordering::Release);
+        runtime.spawn(health_task(Arc::downgrade(core), task));
+    }
+}
+
+impl HealthStore for RedisHealth {
+    fn bind(&mut self, targets: &[TargetId<'_>]) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let core = Arc::new(HealthCore {
+            local: self.cooldowns.clone_settings().for_targets(targets.len()),
+            keys: targets.iter().map(|t| t.key.to_owned()).collect(),
+            tx,
+            task: Mutex::new(Some(HealthTask {
+                rx,
+                link: self.link.clone(),
+            })),
+            started: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        });
+        start_health(&core);
+        self.core = Some(core);
+    }
+
+    fn admit(&self, target: TargetId<'_>) -> Admission {
+        self.core()
+            .map_or(Admission::Open, |core| core.local.admit(target))
+    }
+
+    fn cooling_for(&self, target: TargetId<'_>) -> Duration {
+        self.core()
+            .map_or(Duration::ZERO, |core| core.local.cooling_for(target))
+    }
+
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome, probe: bool) {
+        let Some(core) = self.core() else {
+            return;
+        };
+        match outcome {
+            HealthOutcome::Failure { at_least } => {
+                core.local.record(target, outcome, probe);
+                self.send(HealthEvent::Failure {
+                    index: target.index,
+                    at_least,
+                });
+            }
+            HealthOutcome::Success => {
+                // Only a success after failures is news for Redis: the success path of a healthy
+                // target never queues anything.
+                let news = !core.local.is_clean(target.index);
+                core.local.record(target, outcome, probe);
+                if news {
+                    self.send(HealthEvent::Success {
+                        index: target.index,
+                    });
+                }
+            }
+            HealthOutcome::Neutral => core.local.record(target, outcome, probe),
+        }
+    }
+}
+
+async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
+    let HealthTask { mut rx, link } = task;
+    let (cool_keys, fail_keys, settings) = match core.upgrade() {
+        Some(core) => (
+            core.keys
+                .iter()
+                .map(|k| format!("{}:cool:{k}", link.prefix))
+                .collect::<Vec<_>>(),
+            core.keys
+                .iter()
+                .map(|k| format!("{}:fails:{k}", link.prefix))
+                .collect::<Vec<_>>(),
+            core.local.settings(),
+        ),
+        None => return,
+    };
+    let failure = Script::new(FAILURE_SCRIPT);
+    let extend = Script::new(EXTEND_SCRIPT);
+    let mut conn = Connection::new(link.clone(), "health store");
+    let mut tick = tokio::time::interval(link.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => {
+                if n == 0 {
+                    return;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let mut fresh = false;
+        let Some(c) = conn.get(&mut fresh).await else {
+            batch.clear();
+            continue;
+        };
+        let result: redis::RedisResult<()> = async {
+            if fresh {
+                // Back after an outage (or the first time): hand Redis what this process learnt
+                // meanwhile; the script never shortens a longer cooldown.
+                for (i, key) in cool_keys.iter().enumerate() {
+                    let left = core.local.cooling_for(TargetId {
+                        index: i,
+                        key: &core.keys[i],
+                    });
+                    if !left.is_zero() {
+                        extend
+                            .key(key)
+                            .arg(ttl_ms(left))
+                            .invoke_async::<i64>(c)
+                            .await?;
+                    }
+                }
+            }
+            for event in batch.drain(..) {
+                match event {
+                    HealthEvent::Failure { index, at_least } => {
+                        let (Some(fails), Some(cool)) =
+                            (fail_keys.get(index), cool_keys.get(index))
+                        else {
+                            continue;
+                        };
+                        let left: u64 = failure
+                            .key(fails)
+                            .key(cool)
+                            .arg(ttl_ms(settings.window).max(1))
+                            .arg(settings.failures)
+                            .arg(ttl_ms(settings.cooldown))
+                            .arg(at_least.map_or(0, ttl_ms))
+                            .invoke_async(c)
+                            .await?;
+                        apply(&core, index, left);
+                    }
+                    HealthEvent::Success { index } => {
+                        if let Some(fails) = fail_keys.get(index) {
+                            redis::cmd("DEL").arg(fails).query_async::<i64>(c).await?;
+                        }
+                    }
+                }
+            }
+            let mut pipe = redis::pipe();
+            for key in &cool_keys {
+                pipe.cmd("PTTL").arg(key);
+            }
+            let ttls: Vec<i64> = pipe.query_async(c).await?;
+            for (index, ttl) in ttls.into_iter().enumerate() {
+                apply(&core, index, u64::try_from(ttl).unwrap_or(0));
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {}
+            Err(e) => {
+                batch.clear();
+                conn.failed(&e);
+            }
+        }
+    }
+}
+
+/// Extends the local cooldown of target `index` to at least `left_ms` from now.
+fn apply(core: &HealthCore, index: usize, left_ms: u64) {
+    if left_ms > 0 {
+        core.local
+            .extend_cooldown(index, Duration::from_millis(left_ms));
+    }
+}
+
+/// A retry budget shared through Redis by every process that uses the same Redis and prefix
+/// (cargo feature `redis`): tower's [`TpsBudget`] rule over the deposits and withdrawals of all of
+/// them in the last `ttl`.
+///
+/// Each process decides locally from the totals it last read (every `refresh`) plus its own
+/// activity since, so between two refreshes the replicas together may overspend by what each
+/// saw as left. While Redis cannot be reached, a local [`TpsBudget`] with the same parameters
+/// decides.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_model_fallback::RedisBudget;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Retries and fallbacks up to 20 % of all replicas' requests of the last 10 s, plus 1 a second.
+/// let budget = RedisBudget::new("redis://127.0.0.1:6379/", "llm-gateway", Duration::from_secs(10), 1, 0.2)?;
+/// # let _ = budget;
+/// # Ok(())
+/// # }
+/// ```
+pub struct RedisBudget {
+    core: Arc<BudgetCore>,
+}
+
+struct BudgetCore {
+    local: TpsBudget,
+    reserve: f64,
+    percent: f64,
+    /// Not yet written to Redis.
+    deposits: AtomicU64,
+    withdrawals: AtomicU64,
+    /// The window's totals when last read from Redis.
+    shared_deposits: AtomicU64,
+    shared_withdrawals: AtomicU64,
+    /// Whether the shared totals are current (Redis answered at the last refresh).
+    synced: AtomicBool,
+    task: Mutex<Option<BudgetTask>>,
+    started: AtomicBool,
+}
+
+struct BudgetTask {
+    link: Link,
+    ttl: Duration,
+}
+
+impl fmt::Debug for RedisBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBudget")
+            .field("reserve", &self.core.reserve)
+            .field("percent", &self.core.percent)
+            .field("synced", &self.core.synced.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl RedisBudget {
+    /// Retries and fallbacks up to `percent` (0 to 1000, as a fraction: 0.2 is 20 %) of all
+    /// replicas' requests of the last `ttl` (1 to 60 s), plus `min_per_sec` a second, with the
+    /// totals kept in the Redis at `url` under `prefix`. Nothing connects yet.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        min_per_sec: u32,
+        percent: f32,
+    ) -> Result<Self, ConfigError> {
+        let link = Link::new(url, prefix)?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&ttl) {
+            return Err(ConfigError::new("ttl", "must be between 1 and 60 seconds"));
+        }
+        if !(0.0..=1000.0).contains(&percent) {
+            return Err(ConfigError::new("percent", "must be between 0 and 1000"));
+        }
+        if min_per_sec >= i32::MAX as u32 {
+            return Err(ConfigError::new("min_per_sec", "is too large"));
+        }
+        Ok(RedisBudget {
+            core: Arc::new(BudgetCore {
+                local: TpsBudget::new(ttl, min_per_sec, percent),
+                reserve: f64::from(min_per_sec) * ttl.as_secs_f64(),
+                percent: f64::from(percent),
+                deposits: AtomicU64::new(0),
+                withdrawals: AtomicU64::new(0),
+                shared_deposits: AtomicU64::new(0),
+                shared_withdrawals: AtomicU64::new(0),
+                synced: AtomicBool::new(false),
+                task: Mutex::new(Some(BudgetTask { link, ttl })),
+                started: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// How often the totals are exchanged with Redis (default 200 ms).
+    pub fn refresh(self, every: Duration) -> Result<Self, ConfigError> {
+        let mut slot = self.core.task.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = slot.as_mut() {
+            task.link.refresh(every)?;
+        }
+        drop(slot);
+        Ok(self)
+    }
+
+    fn start(&self) {
+        if self.core.started.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut slot = self.core.task.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = slot.take() {
+            self.core.started.store(true, Ordering::Release);
+            runtime.spawn(budget_task(Arc::downgrade(&self.core), task));
+        }
+    }
+}
+
+impl Budget for RedisBudget {
+    fn deposit(&self) {
+        self.start();
+        self.core.local.deposit();
+        self.core.deposits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn withdraw(&self) -> bool {
+        self.start();
+        let core = &self.core;
+        if !core.synced.load(Ordering::Acquire) {
+            let ok = core.local.withdraw();
+            if ok {
+                core.withdrawals.fetch_add(1, Ordering::Relaxed);
+            }
+            return ok;
+        }
+        let deposits =
+            core.shared_deposits.load(Ordering::Relaxed) + core.deposits.load(Ordering::Relaxed);
+        let withdrawals = core.shared_withdrawals.load(Ordering::Relaxed)
+            + core.withdrawals.load(Ordering::Relaxed);
+        // u64 counts of requests in a window of at most 60 s are exact in an f64.
+        #[allow(clippy::cast_precision_loss)]
+        let left = core.reserve + core.percent * deposits as f64 - withdrawals as f64;
+        if left >= 1.0 {
+            core.withdrawals.fetch_add(1, Ordering::Relaxed);
+            // Keep the local budget near the shared one, for an outage.
+            let _ = core.local.withdraw();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn budget_task(core: Weak<BudgetCore>, task: BudgetTask) {
+    const SLOTS: u64 = 10;
+    let BudgetTask { link, ttl } = task;
+    let slot_ms = (ttl_ms(ttl) / SLOTS).max(1);
+    let key = format!("{}:budget", link.prefix);
+    let script = Script::new(BUDGET_SCRIPT);
+    let mut conn = Connection::new(link.clone(), "retry budget");
+    let mut tick = tokio::time::interval(link.refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let mut fresh = false;
+        let Some(c) = conn.get(&mut fresh).await else {
+            core.synced.store(false, Ordering::Release);
+            continue;
+        };
+        let deposits = core.deposits.load(Ordering::Relaxed);
+        let withdrawals = core.withdrawals.load(Ordering::Relaxed);
+        let result: redis::RedisResult<(u64, u64)> = script
+            .key(&key)
+            .arg(slot_ms)
+            .arg(SLOTS)
+            .arg(deposits)
+            .arg(withdrawals)
+            .invoke_async(c)
+            .await;
+        match result {
+            Ok((d, w)) => {
+                // The totals now include what was sent. In this order a concurrent `withdraw`
+                // may briefly see too few deposits or too many withdrawals, never the reverse:
+                // the budget errs on the side of refusing.
+                core.deposits.fetch_sub(deposits, Ordering::Relaxed);
+                core.shared_deposits.store(d, Ordering::Relaxed);
+                core.shared_withdrawals.store(w, Ordering::Relaxed);
+                core.withdrawals.fetch_sub(withdrawals, Ordering::Relaxed);
+                core.synced.store(true, Ordering::Release);
+            }
+            Err(e) => {
+                // Kept for the next refresh (counted twice if Redis ran the script but its
+                // answer was lost).
+                core.synced.store(false, Ordering::Release);
+                conn.failed(&e);
+            }
+        }
+    }
+}

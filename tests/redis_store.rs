@@ -1,0 +1,517 @@
+//! Cooldowns, failure counts and the retry budget shared through a real `redis-server` on
+//! 127.0.0.1 that each test starts itself (cargo feature `redis`). Redis keeps real time, so
+//! these tests wait on the wall clock, always in loops bounded in count and time.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use support::{chat_request, hosts, reply, send, Act, Scripted, Upstream, CHAT};
+use tower::retry::budget::Budget;
+use tower_model_fallback::{
+    Cooldowns, FallbackLayer, HealthOutcome, HealthStore, RedisBudget, RedisHealth, TargetId,
+};
+
+/// A `redis-server` on 127.0.0.1, without persistence, stopped when dropped.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("its address").port()
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// (Re)starts the server on its port and waits until it answers PING.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (the Debian package redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.ping() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not answer on port {}", self.port);
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A synchronous client, for looking at what the stores wrote.
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .expect("a connection to the test's redis-server")
+    }
+
+    fn pttl(&self, key: &str) -> i64 {
+        redis::cmd("PTTL")
+            .arg(key)
+            .query(&mut self.conn())
+            .expect("PTTL")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn prefix(test: &str) -> String {
+    format!("tmf-test-{test}-{}", std::process::id())
+}
+
+fn store(redis: &RedisServer, prefix: &str) -> RedisHealth {
+    RedisHealth::new(&redis.url(), prefix)
+        .unwrap()
+        .cooldowns(Cooldowns::new().cooldown(Duration::from_secs(30)))
+        .refresh(Duration::from_millis(50))
+        .unwrap()
+}
+
+/// Sends through `layer` every 10 ms until a request skips `target` (at most `limit`); returns
+/// how long that took and the report of that request.
+async fn until_skipped(
+    layer: &FallbackLayer,
+    client: &Scripted,
+    target: &str,
+    limit: Duration,
+) -> (Duration, tower_model_fallback::FallbackReport) {
+    let start = Instant::now();
+    for _ in 0..1000 {
+        let (status, report) = send(layer, client).await;
+        assert_eq!(status, StatusCode::OK);
+        if report.skipped().iter().any(|s| s.target() == target) {
+            return (start.elapsed(), report);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{target} was not skipped within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{target} was never skipped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_seen_by_one_replica_makes_the_other_skip_the_target() {
+    let redis = RedisServer::start();
+    let p = prefix("retry-after");
+    let a = hosts(&["primary", "secondary"]).redis_health(store(&redis, &p));
+    let b = hosts(&["primary", "secondary"]).redis_health(store(&redis, &p));
+    let client_a = Scripted::new(&[(
+        "primary",
+        vec![Act::status(429).header("retry-after", "30")],
+    )]);
+    let client_b = Scripted::new(&[]);
+
+    let (status, report) = send(&a, &client_a).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report.served_by().unwrap().target(), "secondary");
+
+    let (_, report) = until_skipped(&b, &client_b, "primary", Duration::from_secs(5)).await;
+    assert_eq!(report.served_by().unwrap().target(), "secondary");
+    let skip = &report.skipped()[0];
+    assert!(
+        skip.remaining() > Duration::from_secs(25) && skip.remaining() <= Duration::from_secs(30),
+        "B skips primary for the rest of A's Retry-After: {:?}",
+        skip.remaining()
+    );
+    // From now on B leaves primary alone.
+    let before = client_b.count("primary");
+    for _ in 0..5 {
+        let (_, report) = send(&b, &client_b).await;
+        assert_eq!(report.served_by().unwrap().target(), "secondary");
+    }
+    assert_eq!(client_b.count("primary"), before);
+    // The shared key's TTL is the cooldown.
+    let ttl = redis.pttl(&format!("{p}:cool:primary|http://primary/v1|"));
+    assert!((25_000..=30_000).contains(&ttl), "TTL {ttl} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_counted_by_several_replicas_open_the_breaker_for_all() {
+    let redis = RedisServer::start();
+    let p = prefix("counts");
+    let shared = |_| {
+        hosts(&["primary", "secondary"]).redis_health(
+            RedisHealth::new(&redis.url(), &p)
+                .unwrap()
+                .cooldowns(
+                    Cooldowns::new()
+                        .failures(3)
+                        .cooldown(Duration::from_secs(20)),
+                )
+                .refresh(Duration::from_millis(50))
+                .unwrap(),
+        )
+    };
+    let replicas: Vec<FallbackLayer> = (0..3).map(shared).collect();
+    let failing = Scripted::new(&[("primary", vec![Act::status(503)])]);
+    // One 503 at each replica: no replica reaches 3 on its own, together they do.
+    for layer in &replicas {
+        let (status, report) = send(layer, &failing).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(report.attempts().len(), 2, "no replica was cooling yet");
+    }
+    let fresh = Scripted::new(&[]);
+    for layer in &replicas {
+        let (_, report) = until_skipped(layer, &fresh, "primary", Duration::from_secs(5)).await;
+        assert!(report.skipped()[0].remaining() <= Duration::from_secs(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stopped_replicas_keep_serving_and_resync_when_it_returns() {
+    let mut redis = RedisServer::start();
+    let p = prefix("outage");
+    let a = hosts(&["primary", "secondary"]).redis_health(store(&redis, &p));
+    let b = hosts(&["primary", "secondary"]).redis_health(store(&redis, &p));
+    let healthy = Scripted::new(&[]);
+    for layer in [&a, &b] {
+        let (status, _) = send(layer, &healthy).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    redis.stop();
+    // Every request is still served, and none waits on the store: a request that went to
+    // Redis would take the one-second response timeout at least.
+    let limited = Scripted::new(&[(
+        "primary",
+        vec![Act::status(429).header("retry-after", "30")],
+    )]);
+    let (status, report) = send(&a, &limited).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report.served_by().unwrap().target(), "secondary");
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let start = Instant::now();
+        let (status, report) = send(&a, &healthy).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            report.served_by().unwrap().target(),
+            "secondary",
+            "A keeps its local cooldown"
+        );
+        let (status, report) = send(&b, &healthy).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(report.served_by().unwrap().target(), "primary");
+        slowest = slowest.max(start.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request waited {slowest:?}: as long as a Redis time-out"
+    );
+
+    // Redis returns, empty: A writes back what it learnt meanwhile, and B picks it up.
+    redis.restart();
+    let (_, report) = until_skipped(&b, &healthy, "primary", Duration::from_secs(10)).await;
+    assert!(report.skipped()[0].remaining() > Duration::from_secs(15));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_shorten_a_cooldown() {
+    let redis = RedisServer::start();
+    let p = prefix("extend");
+    let key = "name|http://primary/v1|";
+    let stores: Vec<Arc<RedisHealth>> = (0..8)
+        .map(|_| {
+            let mut s = RedisHealth::new(&redis.url(), &p)
+                .unwrap()
+                .cooldowns(Cooldowns::new().failures(1_000_000))
+                .refresh(Duration::from_millis(50))
+                .unwrap();
+            s.bind(&[TargetId { index: 0, key }]);
+            Arc::new(s)
+        })
+        .collect();
+    let id = TargetId { index: 0, key };
+    let fail = |secs| HealthOutcome::Failure {
+        at_least: Some(Duration::from_secs(secs)),
+    };
+    // 8 writers at once, 50 failures each, asking for 1 to 50 s; one of them asks for 120 s
+    // half-way through.
+    let mut tasks = Vec::new();
+    for (w, s) in stores.iter().enumerate() {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 1..=50u64 {
+                let secs = if w == 3 && i == 25 { 120 } else { i };
+                s.record(id, fail(secs), false);
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Wait until every failure has been counted in Redis.
+    let fails_key = format!("{p}:fails:{key}");
+    let start = Instant::now();
+    loop {
+        let count: Option<u64> = redis::cmd("GET")
+            .arg(&fails_key)
+            .query(&mut redis.conn())
+            .unwrap();
+        if count == Some(400) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "counted {count:?} of 400 failures"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ttl = redis.pttl(&format!("{p}:cool:{key}"));
+    assert!(
+        ttl > 110_000 && ttl <= 120_000,
+        "the 120 s cooldown survives 399 shorter ones: {ttl} ms"
+    );
+    assert!(stores.iter().all(|s| s.dropped_events() == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_is_spent_across_replicas() {
+    let redis = RedisServer::start();
+    let p = prefix("budget");
+    // 10 % of requests, nothing per second.
+    let new = || {
+        RedisBudget::new(&redis.url(), &p, Duration::from_secs(10), 0, 0.1)
+            .unwrap()
+            .refresh(Duration::from_millis(20))
+            .unwrap()
+    };
+    let (a, b) = (new(), new());
+    // A sees 100 requests; B none.
+    for _ in 0..100 {
+        a.deposit();
+    }
+    // Wait until B has read A's deposits: B may then withdraw about 10.
+    let start = Instant::now();
+    while !b.withdraw() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "B never saw A's deposits"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut granted = 1;
+    while b.withdraw() {
+        granted += 1;
+        assert!(granted <= 100, "B's withdrawals are bounded");
+    }
+    assert_eq!(granted, 10, "10 % of A's 100 requests");
+    // B's withdrawals reach A at the next refreshes: A has nothing left either.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!a.withdraw(), "A sees that B spent the shared budget");
+}
+
+#[test]
+fn bad_urls_and_prefixes_are_config_errors() {
+    let err = RedisHealth::new("http://127.0.0.1:6379", "p").unwrap_err();
+    assert!(
+        err.to_string().starts_with("redis_url: is not a Redis URL"),
+        "{err}"
+    );
+    let err = RedisHealth::new("redis://127.0.0.1:6379", "a b").unwrap_err();
+    assert!(err.to_string().starts_with("prefix:"), "{err}");
+    let err = RedisHealth::new("redis://127.0.0.1:6379", "p")
+        .unwrap()
+        .refresh(Duration::ZERO)
+        .unwrap_err();
+    assert!(err.to_string().starts_with("refresh_ms:"), "{err}");
+    let err =
+        RedisBudget::new("redis://127.0.0.1/", "p", Duration::from_millis(5), 1, 0.2).unwrap_err();
+    assert!(err.to_string().starts_with("ttl:"), "{err}");
+    // TLS is not built in: a rediss:// URL is refused rather than sent in the clear.
+    assert!(RedisHealth::new("rediss://127.0.0.1:6379/", "p").is_err());
+    // The password never shows in Debug.
+    let store = RedisHealth::new("redis://:s3cr3t-pass@127.0.0.1:6379/", "p").unwrap();
+    assert!(!format!("{store:?}").contains("s3cr3t"));
+}
+
+/// The gateway example, built by `cargo test` with the same features.
+fn gateway_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is built by `cargo test --features redis`",
+        bin.display()
+    );
+    bin
+}
+
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_gateway(config: serde_json::Value, name: &str) -> Gateway {
+    let port = free_port();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut config = config;
+    config["listen"] = serde_json::Value::String(addr.to_string());
+    let path = std::env::temp_dir().join(format!(
+        "tmf-redis-gateway-{name}-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, config.to_string()).unwrap();
+    let child = Command::new(gateway_binary())
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gateway = Gateway { child, addr };
+    for _ in 0..400 {
+        if TcpStream::connect(addr).is_ok() {
+            let _ = std::fs::remove_file(&path);
+            return gateway;
+        }
+        if let Ok(Some(status)) = gateway.child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = gateway.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+            }
+            panic!("the gateway exited ({status}): {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the gateway did not listen on {addr}");
+}
+
+/// One chat request to a gateway: the status and the target that served it.
+async fn through(gateway: &Gateway) -> (StatusCode, String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let mut request = chat_request(CHAT);
+    *request.uri_mut() = format!("http://{}/v1/chat/completions", gateway.addr)
+        .parse()
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    let target = response
+        .headers()
+        .get("x-fallback-target")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let _ = response.into_body().collect().await;
+    (status, target)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_share_a_cooldown() {
+    let redis = RedisServer::start();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    // Rate limited on its first call, healthy afterwards.
+    let primary = Upstream::start(move |_| {
+        let n = c.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                let mut r = reply(429, r#"{"error":{"message":"slow down"}}"#);
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("30"));
+                r
+            } else {
+                reply(200, r#"{"choices":[]}"#)
+            }
+        }
+    })
+    .await;
+    let secondary = Upstream::fixed(200, r#"{"choices":[]}"#).await;
+    let config = serde_json::json!({
+        "targets": [
+            {"name": "primary", "base_url": primary.url_with("/v1"), "model": "m1"},
+            {"name": "secondary", "base_url": secondary.url_with("/v1"), "model": "m2"},
+        ],
+        "health_store": {"redis_url": redis.url(), "prefix": prefix("gateways"), "refresh_ms": 50},
+    });
+    let one = start_gateway(config.clone(), "one");
+    let two = start_gateway(config, "two");
+
+    assert_eq!(through(&one).await, (StatusCode::OK, "secondary".into()));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let start = Instant::now();
+    loop {
+        let (status, target) = through(&two).await;
+        assert_eq!(status, StatusCode::OK);
+        if target == "secondary" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "gateway two never learnt of the cooldown"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = calls.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        assert_eq!(through(&two).await, (StatusCode::OK, "secondary".into()));
+        assert_eq!(through(&one).await, (StatusCode::OK, "secondary".into()));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        seen,
+        "no gateway calls the cooling target"
+    );
+}
