@@ -60,7 +60,7 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local want = tonumber(ARGV[4])
 local ttl = redis.call('PTTL', KEYS[2])
 if ttl > 0 or n >= tonumber(ARGV[2]) then want = math.max(want, tonumber(ARGV[3])) end
-if want > ttl then
+if want > 0 and want > ttl then
   redis.call('SET', KEYS[2], '1', 'PX', want)
   ttl = want
 end
@@ -70,7 +70,9 @@ return math.max(ttl, 0)
 /// Extends a cooldown to at least ARGV[1] ms from now; never shortens it. KEYS: cool.
 const EXTEND_SCRIPT: &str = r"
 local want = tonumber(ARGV[1])
-if want > redis.call('PTTL', KEYS[1]) then redis.call('SET', KEYS[1], '1', 'PX', want) end
+if want > 0 and want > redis.call('PTTL', KEYS[1]) then
+  redis.call('SET', KEYS[1], '1', 'PX', want)
+end
 return 0
 ";
 
@@ -255,6 +257,7 @@ struct HealthCore {
     task: Mutex<Option<HealthTask>>,
     started: AtomicBool,
     dropped: AtomicU64,
+    errors: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -322,6 +325,14 @@ impl RedisHealth {
             .map_or(0, |c| c.dropped.load(Ordering::Relaxed))
     }
 
+    /// Connections to Redis that failed and commands it did not answer, since the start: each
+    /// one left this process on its local state until the next refresh.
+    pub fn redis_errors(&self) -> u64 {
+        self.core
+            .as_ref()
+            .map_or(0, |c| c.errors.load(Ordering::Relaxed))
+    }
+
     fn core(&self) -> Option<&Arc<HealthCore>> {
         let core = self.core.as_ref()?;
         if !core.started.load(Ordering::Acquire) {
@@ -364,6 +375,7 @@ impl HealthStore for RedisHealth {
             })),
             started: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         });
         start_health(&core);
         self.core = Some(core);
@@ -443,6 +455,7 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
         };
         let mut fresh = false;
         let Some(c) = conn.get(&mut fresh).await else {
+            core.errors.fetch_add(1, Ordering::Relaxed);
             batch.clear();
             continue;
         };
@@ -504,6 +517,7 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
         match result {
             Ok(()) => {}
             Err(e) => {
+                core.errors.fetch_add(1, Ordering::Relaxed);
                 batch.clear();
                 conn.failed(&e);
             }

@@ -313,7 +313,9 @@ async fn concurrent_writers_never_shorten_a_cooldown() {
         ttl > 110_000 && ttl <= 120_000,
         "the 120 s cooldown survives 399 shorter ones: {ttl} ms"
     );
-    assert!(stores.iter().all(|s| s.dropped_events() == 0));
+    assert!(stores
+        .iter()
+        .all(|s| s.dropped_events() == 0 && s.redis_errors() == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,4 +516,57 @@ async fn two_gateway_processes_share_a_cooldown() {
         seen,
         "no gateway calls the cooling target"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_cooldown_writes_no_key_and_the_next_failure_still_lands() {
+    let redis = RedisServer::start();
+    let p = prefix("zero");
+    let key = "t|http://t/v1|";
+    let mut store = RedisHealth::new(&redis.url(), &p)
+        .unwrap()
+        .cooldowns(Cooldowns::new().failures(1).cooldown(Duration::ZERO))
+        .refresh(Duration::from_millis(50))
+        .unwrap();
+    store.bind(&[TargetId { index: 0, key }]);
+    let id = TargetId { index: 0, key };
+    let counted = |n: u64| {
+        let start = Instant::now();
+        loop {
+            let count: Option<u64> = redis::cmd("GET")
+                .arg(format!("{p}:fails:{key}"))
+                .query(&mut redis.conn())
+                .unwrap();
+            if count == Some(n) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "counted {count:?} of {n} failures"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // One at a time: the second must not be written before the first.
+    store.record(id, HealthOutcome::Failure { at_least: None }, false);
+    counted(1);
+    assert_eq!(
+        redis.pttl(&format!("{p}:cool:{key}")),
+        -2,
+        "no cooldown key"
+    );
+    store.record(
+        id,
+        HealthOutcome::Failure {
+            at_least: Some(Duration::from_secs(5)),
+        },
+        false,
+    );
+    counted(2);
+    let ttl = redis.pttl(&format!("{p}:cool:{key}"));
+    assert!(
+        (4_000..=5_000).contains(&ttl),
+        "only the asked-for 5 s: {ttl} ms"
+    );
+    assert_eq!(store.redis_errors(), 0, "no script failed");
 }

@@ -17,6 +17,10 @@
 //!  "max_body_bytes": 33554432}
 //! ```
 //!
+//! Several replicas share cooldowns and the retry budget through Redis with
+//! `"health_store": {"redis_url_env": "REDIS_URL", "prefix": "llm-gateway"}`, built with
+//! `cargo run --features redis --example gateway -- --config gateway.json`.
+//!
 //! Logs go to stderr (`RUST_LOG=tower_model_fallback=debug` shows every attempt); they never
 //! contain keys or bodies. Ctrl-C stops accepting and finishes the requests in flight.
 
