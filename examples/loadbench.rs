@@ -52,6 +52,10 @@ async fn main() -> Result<(), BoxError> {
     }
 }
 
+/// Connections the upstreams accepted: a proxy that reuses its connections opens a few.
+static UPSTREAM_CONNECTIONS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// An upstream answering every request with `status` and `body`, reading (and dropping) the
 /// request body as it comes.
 async fn upstream(status: u16, body: &'static [u8]) -> Result<SocketAddr, BoxError> {
@@ -59,6 +63,7 @@ async fn upstream(status: u16, body: &'static [u8]) -> Result<SocketAddr, BoxErr
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            UPSTREAM_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let _ = stream.set_nodelay(true);
             let service =
                 hyper::service::service_fn(move |request: http::Request<Incoming>| async move {
@@ -243,29 +248,73 @@ async fn throughput(connections: usize, duration: Duration) -> Result<(), BoxErr
         duration.as_secs()
     );
     println!(
-        "{:<38} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
-        "scenario", "req/s", "p50", "p99", "p99.9", "vs (a)", "errors"
+        "{:<38} {:>10} {:>9} {:>9} {:>9} {:>8} {:>12} {:>8} {:>7} {:>9}",
+        "scenario",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "vs (a)",
+        "CPU/request",
+        "vs (a)",
+        "errors",
+        "upstream connections"
     );
+    // LOADBENCH_ONLY=ab runs the scenarios named (b alone, for a profiler); ratios are to the
+    // first one run.
+    let only = std::env::var("LOADBENCH_ONLY").ok();
     let mut baseline = None;
+    let mut cpu_baseline = None;
     for (name, addr) in scenarios {
+        if only.as_deref().is_some_and(|o| !o.contains(&name[1..2])) {
+            continue;
+        }
         // Warm the connections and pools.
         drive(addr, connections, Duration::from_millis(500)).await?;
+        let opened = UPSTREAM_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed);
+        let cpu = cpu_time();
         let f = drive(addr, connections, duration).await?;
+        let cpu = cpu_time().saturating_sub(cpu);
+        let served = (f.requests_per_sec * duration.as_secs_f64()).max(1.0);
+        let cpu_per_request = cpu.as_secs_f64() * 1e6 / served;
+        let cpu_base = *cpu_baseline.get_or_insert(cpu_per_request);
+        let opened = UPSTREAM_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) - opened;
         let base = *baseline.get_or_insert(f.requests_per_sec);
         println!(
-            "{name:<38} {:>10.0} {:>9.1?} {:>9.1?} {:>9.1?} {:>7.2}x {:>7}",
+            "{name:<38} {:>10.0} {:>9.1?} {:>9.1?} {:>9.1?} {:>7.2}x {:>9.1} µs {:>7.2}x {:>7} {:>9}",
             f.requests_per_sec,
             f.p50,
             f.p99,
             f.p999,
             f.requests_per_sec / base,
-            f.errors
+            cpu_per_request,
+            cpu_base / cpu_per_request,
+            f.errors,
+            opened
         );
     }
     Ok(())
 }
 
 /// Resident memory now and at its peak, in KiB (Linux; zero elsewhere).
+/// CPU time this process has used (user + system), from `/proc/self/stat` (Linux; zero
+/// elsewhere). All of the benchmark (load, proxy, upstreams) is in this process, so CPU time per
+/// request is the figure a busy, shared machine disturbs least.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks/s.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
 fn rss_kib() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the figures in BENCHMARKS.md: run it, then paste its output into the file.
-# Takes about 6 minutes on 2 cores. Needs valgrind for the instruction counts.
+# Takes about 8 minutes on 2 cores. Needs valgrind for the instruction counts, and redis-server
+# for the shared health store's figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "## Machine"
@@ -29,10 +30,21 @@ echo '```'
 cargo bench --bench substitute -- --measurement-time 3 2>/dev/null | grep -E '^substitute/|time:' | grep -v -e '^Benchmarking' -e '%'
 echo '```'
 echo
-echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5)"
+echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5), 5 runs"
 echo '```'
 cargo run -q --release --example loadbench -- throughput 32 5
+for _ in 2 3 4 5; do
+  cargo run -q --release --example loadbench -- throughput 32 5 | grep '^('
+done
 echo '```'
+echo
+if command -v redis-server >/dev/null; then
+  echo "## Shared health store (cargo bench --features redis --bench health_store)"
+  echo '```'
+  cargo bench --features redis --bench health_store 2>/dev/null \
+    | grep -E 'propagation|refresh|^health_store/|time:' | grep -v -e '^Benchmarking' -e '%'
+  echo '```'
+fi
 echo
 echo "## Memory (cargo run --release --example loadbench -- memory 200)"
 echo '```'

@@ -23,7 +23,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
-use tower::util::BoxCloneSyncService;
 use tower::{BoxError, ServiceExt};
 use tower_model_fallback::{
     ConfigError, Fallback, FallbackConfig, FallbackError, FallbackLayer, FallbackReport,
@@ -87,9 +86,66 @@ pub fn https_client() -> HttpsClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-/// One attempt: the client, behind the per-attempt timeout when there is one.
-pub type Attempt =
-    BoxCloneSyncService<http::Request<ReplayBody>, http::Response<Incoming>, AttemptError>;
+/// One attempt: the shared client, bounded by the per-attempt timeout when there is one. Cloned
+/// for every request (axum's state, then the layer's clone-and-swap), so a clone is one
+/// reference count: the client itself is behind an `Arc`.
+#[derive(Clone)]
+pub struct Attempt {
+    client: Arc<HttpsClient>,
+    timeout: Option<Duration>,
+}
+
+impl tower::Service<http::Request<ReplayBody>> for Attempt {
+    type Response = http::Response<Incoming>;
+    type Error = AttemptError;
+    type Future = AttemptFuture;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), AttemptError>> {
+        // hyper-util's client is always ready; its pool waits inside the response future.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<ReplayBody>) -> AttemptFuture {
+        AttemptFuture {
+            response: self.client.request(request),
+            timer: self.timeout.map(tokio::time::sleep),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An attempt in flight: the client's response future and its timeout.
+    pub struct AttemptFuture {
+        #[pin]
+        response: hyper_util::client::legacy::ResponseFuture,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+    }
+}
+
+impl Future for AttemptFuture {
+    type Output = Result<http::Response<Incoming>, AttemptError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        if let std::task::Poll::Ready(result) = this.response.poll(cx) {
+            return std::task::Poll::Ready(result.map_err(|e| AttemptError(e.into())));
+        }
+        match this.timer.as_pin_mut().map(|t| t.poll(cx)) {
+            // tower's `Elapsed`, which the layer recognises as a timeout.
+            Some(std::task::Poll::Ready(())) => std::task::Poll::Ready(Err(AttemptError(
+                Box::new(tower::timeout::error::Elapsed::new()),
+            ))),
+            _ => std::task::Poll::Pending,
+        }
+    }
+}
 
 /// An attempt's error. A concrete type rather than `BoxError`: with `BoxError` as the inner
 /// error, rustc cannot prove the handler's future `Send` ("implementation of `From` is not
@@ -113,10 +169,9 @@ impl std::error::Error for AttemptError {
 pub type Stack = Fallback<Attempt>;
 
 pub fn stack(layer: &FallbackLayer, attempt_timeout: Option<Duration>) -> Stack {
-    let client = https_client();
-    let inner = match attempt_timeout {
-        Some(t) => Attempt::new(tower::timeout::Timeout::new(client, t).map_err(AttemptError)),
-        None => Attempt::new(client.map_err(|e| AttemptError(e.into()))),
+    let inner = Attempt {
+        client: Arc::new(https_client()),
+        timeout: attempt_timeout,
     };
     tower::Layer::layer(layer, inner)
 }
@@ -149,30 +204,31 @@ pub async fn log_stats(stats: Stats, period: Duration) {
 /// Forwards one request; the answer streams back with `x-fallback-*` headers.
 async fn proxy(State(stack): State<Stack>, request: Request) -> Response {
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // For the log line: a reference count, not a copy.
+    let uri = request.uri().clone();
+    let path = uri.path();
     match stack.oneshot(request).await {
         Ok(response) => {
-            let report = response
-                .extensions()
-                .get::<FallbackReport>()
-                .cloned()
-                .unwrap_or_default();
             let (mut head, body) = response.into_parts();
+            // Taken out, not cloned: the response goes on without it.
+            let report = head
+                .extensions
+                .remove::<FallbackReport>()
+                .unwrap_or_default();
             if let Some(served) = report.served_by() {
                 set(&mut head.headers, "x-fallback-target", served.target());
                 if let Some(model) = served.model() {
                     set(&mut head.headers, "x-fallback-model", model);
                 }
                 tracing::info!(
-                    %method, path = %format!("/v1{path}"), status = head.status.as_u16(),
+                    %method, path = %format_args!("/v1{path}"), status = head.status.as_u16(),
                     target = served.target(), model = served.model().unwrap_or("-"),
                     attempts = report.attempts().len(), "proxied",
                 );
             }
-            set(
-                &mut head.headers,
+            head.headers.insert(
                 "x-fallback-attempts",
-                &report.attempts().len().to_string(),
+                HeaderValue::from(report.attempts().len()),
             );
             Response::from_parts(head, Body::new(body))
         }
