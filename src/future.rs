@@ -549,17 +549,37 @@ where
 
     /// A hedged flight finished (its head, and the start of its body when that was needed):
     /// the winner, or one more failure. `Some` when the request is over.
-    fn on_hedged(&mut self, assessed: Assessment<R>) -> Option<Response<ResponseBody<R>>> {
+    #[allow(clippy::type_complexity)]
+    fn on_hedged(
+        &mut self,
+        assessed: Assessment<R>,
+    ) -> Option<Result<Response<ResponseBody<R>>, FallbackError>> {
+        let body_failed = matches!(assessed.outcome, AttemptOutcome::BodyFailed { .. });
         if !assessed.decision.is_retryable() {
             self.abandon_race(&AttemptOutcome::Superseded);
-            return Some(self.finish(assessed, None));
+            if body_failed {
+                // No answer started: the body's error is the outcome, as in `conclude`.
+                self.note_health(HealthOutcome::Neutral);
+                self.record(assessed.outcome, Decision::Return);
+                let error = body_error(assessed.peek);
+                return Some(Err(FallbackError::upstream(
+                    error,
+                    std::mem::take(&mut self.report),
+                )));
+            }
+            return Some(Ok(self.finish(assessed, None)));
         }
         let hint = self.cooldown_hint(&assessed);
         self.note_health(HealthOutcome::Failure { at_least: hint });
         self.record(assessed.outcome, Decision::NextTarget);
-        let index = self.report.attempts.len() - 1;
-        self.pending = Some((assessed.peek, index));
-        self.last_error = None;
+        if body_failed {
+            self.pending = None;
+            self.last_error = Some(body_error(assessed.peek));
+        } else {
+            let index = self.report.attempts.len() - 1;
+            self.pending = Some((assessed.peek, index));
+            self.last_error = None;
+        }
         self.launch_now = true;
         None
     }
@@ -900,12 +920,7 @@ where
         if body_failed {
             // The answer failed before its first byte (dropped, or no byte within the
             // first-byte timeout): there is no response to hand back, only its error.
-            let mut peek = assessed.peek;
-            let error = peek
-                .error
-                .take()
-                .unwrap_or_else(|| Box::new(tower::timeout::error::Elapsed::new()));
-            drop(peek);
+            let error = body_error(assessed.peek);
             return match plan {
                 Plan::Retry(wait) => {
                     self.last_error = Some(error);
@@ -1207,6 +1222,13 @@ enum Step<R: Body> {
     Fail(FallbackError),
 }
 
+/// The error of a body that failed before its first byte: its own, or the first-byte timeout.
+fn body_error<R: Body>(mut peek: Peek<R>) -> BoxError {
+    peek.error
+        .take()
+        .unwrap_or_else(|| Box::new(tower::timeout::error::Elapsed::new()))
+}
+
 /// Moves the state machine to the step's state; returns the outcome when it is done.
 #[allow(clippy::type_complexity)]
 fn step_to<B, S, R>(
@@ -1430,7 +1452,7 @@ where
                     if let Some((current, finished)) = ctx.poll_flights(cx) {
                         ctx.current = Some(current);
                         let done = match finished {
-                            Ok(assessed) => ctx.on_hedged(assessed).map(Ok),
+                            Ok(assessed) => ctx.on_hedged(assessed),
                             Err(error) => ctx.on_hedged_error(error).err().map(Err),
                         };
                         if let Some(done) = done {

@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// Which target a [`HealthStore`] is asked about: its position in the layer's list and a key
-/// that names it across processes (`name|base_url|model`).
+/// that names it across processes (`name|base_url|model`, and `|key:` with a 32-bit fingerprint
+/// of its credential when it has one).
 #[derive(Debug, Clone, Copy)]
 pub struct TargetId<'a> {
     /// The target's position in the layer's list.
@@ -172,6 +173,14 @@ impl Cooldowns {
             settings: self.settings,
             targets: Vec::new(),
         }
+    }
+
+    /// Whether target `index` has a cooldown on record (running, or ended and not yet closed
+    /// by a successful probe).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn is_open(&self, index: usize) -> bool {
+        self.with(index, |s, _| s.open_until.is_some())
+            .unwrap_or(false)
     }
 
     /// Whether target `index` has no failure on record and no cooldown.

@@ -71,6 +71,30 @@ pub(crate) struct Shared {
     pub(crate) catalog: Option<Arc<ModelCatalog>>,
 }
 
+/// How a shared health store names a target across processes: `name|base_url|model`, plus a
+/// short fingerprint of its credential when it has one, so that two keys for the same provider
+/// and model (two quota pools) are two targets. The fingerprint is 32 bits of FNV-1a: enough to
+/// tell keys apart, too little to say anything about a key.
+fn target_key(target: &Target) -> Box<str> {
+    let mut key = format!(
+        "{}|{}|{}",
+        target.name,
+        target.base_url(),
+        target.get_model().unwrap_or("")
+    );
+    if !target.credentials.is_empty() {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, value) in &target.credentials {
+            for &b in name.as_str().as_bytes().iter().chain(value.as_bytes()) {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        key.push_str(&format!("|key:{:08x}", (hash >> 32) ^ (hash & 0xffff_ffff)));
+    }
+    key.into_boxed_str()
+}
+
 impl FallbackLayer {
     /// A layer over `targets`, tried in order. At least one target is required.
     pub fn new(targets: impl IntoIterator<Item = Target>) -> Result<Self, ConfigError> {
@@ -81,18 +105,7 @@ impl FallbackLayer {
                 "at least one target is required",
             ));
         }
-        let target_keys = targets
-            .iter()
-            .map(|t| {
-                format!(
-                    "{}|{}|{}",
-                    t.name,
-                    t.base_url(),
-                    t.get_model().unwrap_or("")
-                )
-                .into_boxed_str()
-            })
-            .collect();
+        let target_keys = targets.iter().map(target_key).collect();
         let stats = Stats::new(targets.iter().map(|t| t.name.clone()));
         Ok(FallbackLayer {
             shared: Arc::new(Shared {
@@ -333,5 +346,32 @@ impl<S> Layer<S> for FallbackLayer {
 
     fn layer(&self, inner: S) -> Fallback<S> {
         Fallback::new(inner, self.shared.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_that_differ_only_by_key_have_different_shared_names() {
+        let target = || {
+            Target::new("https://api.example.com/v1")
+                .unwrap()
+                .model("m")
+        };
+        let one = target_key(&target().bearer("sk-one-secret").unwrap());
+        let two = target_key(&target().bearer("sk-two-secret").unwrap());
+        let one_again = target_key(&target().bearer("sk-one-secret").unwrap());
+        let header = target_key(&target().api_key_header("api-key", "sk-one-secret").unwrap());
+        assert_ne!(one, two);
+        assert_eq!(one, one_again, "stable across builds and processes");
+        assert_ne!(one, header, "the header name counts too");
+        assert!(!one.contains("secret"));
+        assert!(one.starts_with("api.example.com|https://api.example.com/v1|m|key:"));
+        assert_eq!(
+            &*target_key(&target()),
+            "api.example.com|https://api.example.com/v1|m"
+        );
     }
 }

@@ -21,9 +21,10 @@
 //! A success at a replica that has seen failures of a target resets the target's shared failure
 //! count; the success path of a healthy target sends nothing to Redis. Cooldown keys are never
 //! deleted early: a `Retry-After` is the provider's word for every replica, so they run out on
-//! their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas may send up
-//! to `n` probes. Keys are `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and
-//! `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model`, so several
+//! their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas
+//! may send up to `n` probes; a failed probe opens the shared cooldown again. Keys are `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and
+//! `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model` (and a 32-bit
+//! fingerprint of its key, so that two keys for one model are two quota pools), so several
 //! gateways (with different prefixes, or the same targets under the same prefix) can share one
 //! Redis. The budget's script names its slot keys itself, so it needs a single Redis node, not a
 //! cluster.
@@ -52,14 +53,17 @@ const QUEUE: usize = 1024;
 const DEFAULT_REFRESH: Duration = Duration::from_millis(200);
 
 /// A failure: counts it in the shared window and extends the cooldown when it calls for one.
-/// KEYS: fails, cool. ARGV: window ms, threshold, cooldown ms, asked-for cooldown ms (0: none).
+/// KEYS: fails, cool. ARGV: window ms, threshold, cooldown ms, asked-for cooldown ms (0: none),
+/// 1 when the replica's breaker was open (a failed probe re-opens it everywhere).
 /// Returns the cooldown left in ms (0 when none).
 const FAILURE_SCRIPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 local want = tonumber(ARGV[4])
 local ttl = redis.call('PTTL', KEYS[2])
-if ttl > 0 or n >= tonumber(ARGV[2]) then want = math.max(want, tonumber(ARGV[3])) end
+if ttl > 0 or n >= tonumber(ARGV[2]) or ARGV[5] == '1' then
+  want = math.max(want, tonumber(ARGV[3]))
+end
 if want > 0 and want > ttl then
   redis.call('SET', KEYS[2], '1', 'PX', want)
   ttl = want
@@ -265,6 +269,8 @@ enum HealthEvent {
     Failure {
         index: usize,
         at_least: Option<Duration>,
+        /// The breaker was open at this replica (a failed probe, or a failure while cooling).
+        reopen: bool,
     },
     Success {
         index: usize,
@@ -397,10 +403,12 @@ impl HealthStore for RedisHealth {
         };
         match outcome {
             HealthOutcome::Failure { at_least } => {
+                let reopen = probe || core.local.is_open(target.index);
                 core.local.record(target, outcome, probe);
                 self.send(HealthEvent::Failure {
                     index: target.index,
                     at_least,
+                    reopen,
                 });
             }
             HealthOutcome::Success => {
@@ -456,6 +464,8 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
         let mut fresh = false;
         let Some(c) = conn.get(&mut fresh).await else {
             core.errors.fetch_add(1, Ordering::Relaxed);
+            core.dropped
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             batch.clear();
             continue;
         };
@@ -479,7 +489,11 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
             }
             for event in batch.drain(..) {
                 match event {
-                    HealthEvent::Failure { index, at_least } => {
+                    HealthEvent::Failure {
+                        index,
+                        at_least,
+                        reopen,
+                    } => {
                         let (Some(fails), Some(cool)) =
                             (fail_keys.get(index), cool_keys.get(index))
                         else {
@@ -492,6 +506,7 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
                             .arg(settings.failures)
                             .arg(ttl_ms(settings.cooldown))
                             .arg(at_least.map_or(0, ttl_ms))
+                            .arg(u8::from(reopen))
                             .invoke_async(c)
                             .await?;
                         apply(&core, index, left);
@@ -518,6 +533,9 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
             Ok(()) => {}
             Err(e) => {
                 core.errors.fetch_add(1, Ordering::Relaxed);
+                // What the failed round did not get to.
+                core.dropped
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 batch.clear();
                 conn.failed(&e);
             }
@@ -540,7 +558,8 @@ fn apply(core: &HealthCore, index: usize, left_ms: u64) {
 /// Each process decides locally from the totals it last read (every `refresh`) plus its own
 /// activity since, so between two refreshes the replicas together may overspend by what each
 /// saw as left. While Redis cannot be reached, a local [`TpsBudget`] with the same parameters
-/// decides.
+/// decides, and what it decides stays local: an outage's requests are not written to the shared
+/// window afterwards.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -654,28 +673,27 @@ impl Budget for RedisBudget {
     fn deposit(&self) {
         self.start();
         self.core.local.deposit();
-        self.core.deposits.fetch_add(1, Ordering::Relaxed);
+        self.core.deposits.fetch_add(1, Ordering::SeqCst);
     }
 
     fn withdraw(&self) -> bool {
         self.start();
         let core = &self.core;
-        if !core.synced.load(Ordering::Acquire) {
-            let ok = core.local.withdraw();
-            if ok {
-                core.withdrawals.fetch_add(1, Ordering::Relaxed);
-            }
-            return ok;
+        if !core.synced.load(Ordering::SeqCst) {
+            // Redis is out of reach: the local budget decides, and it stays local.
+            return core.local.withdraw();
         }
-        let deposits =
-            core.shared_deposits.load(Ordering::Relaxed) + core.deposits.load(Ordering::Relaxed);
-        let withdrawals = core.shared_withdrawals.load(Ordering::Relaxed)
-            + core.withdrawals.load(Ordering::Relaxed);
+        // Read in the opposite order to the refresh's writes (see `budget_task`), so that a
+        // refresh in between can only make deposits look fewer or withdrawals more.
+        let deposits = core.shared_deposits.load(Ordering::SeqCst);
+        let deposits = deposits + core.deposits.load(Ordering::SeqCst);
+        let withdrawals = core.withdrawals.load(Ordering::SeqCst);
+        let withdrawals = withdrawals + core.shared_withdrawals.load(Ordering::SeqCst);
         // u64 counts of requests in a window of at most 60 s are exact in an f64.
         #[allow(clippy::cast_precision_loss)]
         let left = core.reserve + core.percent * deposits as f64 - withdrawals as f64;
         if left >= 1.0 {
-            core.withdrawals.fetch_add(1, Ordering::Relaxed);
+            core.withdrawals.fetch_add(1, Ordering::SeqCst);
             // Keep the local budget near the shared one, for an outage.
             let _ = core.local.withdraw();
             true
@@ -683,6 +701,15 @@ impl Budget for RedisBudget {
             false
         }
     }
+}
+
+/// Redis cannot be reached: the local budget decides until it can, and what happens meanwhile
+/// stays local. Flushed later into one slot, an outage's counts would distort the shared window
+/// for a whole `ttl` (refusing every retry just as the upstream recovers, or granting a burst).
+fn discard_unsent(core: &BudgetCore) {
+    core.synced.store(false, Ordering::SeqCst);
+    core.deposits.store(0, Ordering::SeqCst);
+    core.withdrawals.store(0, Ordering::SeqCst);
 }
 
 async fn budget_task(core: Weak<BudgetCore>, task: BudgetTask) {
@@ -701,11 +728,11 @@ async fn budget_task(core: Weak<BudgetCore>, task: BudgetTask) {
         };
         let mut fresh = false;
         let Some(c) = conn.get(&mut fresh).await else {
-            core.synced.store(false, Ordering::Release);
+            discard_unsent(&core);
             continue;
         };
-        let deposits = core.deposits.load(Ordering::Relaxed);
-        let withdrawals = core.withdrawals.load(Ordering::Relaxed);
+        let deposits = core.deposits.load(Ordering::SeqCst);
+        let withdrawals = core.withdrawals.load(Ordering::SeqCst);
         let result: redis::RedisResult<(u64, u64)> = script
             .key(&key)
             .arg(slot_ms)
@@ -716,19 +743,17 @@ async fn budget_task(core: Weak<BudgetCore>, task: BudgetTask) {
             .await;
         match result {
             Ok((d, w)) => {
-                // The totals now include what was sent. In this order a concurrent `withdraw`
-                // may briefly see too few deposits or too many withdrawals, never the reverse:
-                // the budget errs on the side of refusing.
-                core.deposits.fetch_sub(deposits, Ordering::Relaxed);
-                core.shared_deposits.store(d, Ordering::Relaxed);
-                core.shared_withdrawals.store(w, Ordering::Relaxed);
-                core.withdrawals.fetch_sub(withdrawals, Ordering::Relaxed);
-                core.synced.store(true, Ordering::Release);
+                // The totals now include what was sent. `withdraw` reads shared deposits before
+                // local ones and local withdrawals before shared ones, so with these writes in
+                // this order a refresh in between can only make it refuse, never overspend.
+                core.deposits.fetch_sub(deposits, Ordering::SeqCst);
+                core.shared_deposits.store(d, Ordering::SeqCst);
+                core.shared_withdrawals.store(w, Ordering::SeqCst);
+                core.withdrawals.fetch_sub(withdrawals, Ordering::SeqCst);
+                core.synced.store(true, Ordering::SeqCst);
             }
             Err(e) => {
-                // Kept for the next refresh (counted twice if Redis ran the script but its
-                // answer was lost).
-                core.synced.store(false, Ordering::Release);
+                discard_unsent(&core);
                 conn.failed(&e);
             }
         }

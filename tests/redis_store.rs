@@ -16,7 +16,8 @@ use http_body_util::{BodyExt, Full};
 use support::{chat_request, hosts, reply, send, Act, Scripted, Upstream, CHAT};
 use tower::retry::budget::Budget;
 use tower_model_fallback::{
-    Cooldowns, FallbackLayer, HealthOutcome, HealthStore, RedisBudget, RedisHealth, TargetId,
+    Admission, Cooldowns, FallbackLayer, HealthOutcome, HealthStore, RedisBudget, RedisHealth,
+    TargetId,
 };
 
 /// A `redis-server` on 127.0.0.1, without persistence, stopped when dropped.
@@ -569,4 +570,54 @@ async fn a_zero_cooldown_writes_no_key_and_the_next_failure_still_lands() {
         "only the asked-for 5 s: {ttl} ms"
     );
     assert_eq!(store.redis_errors(), 0, "no script failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_opens_the_shared_cooldown_again() {
+    let redis = RedisServer::start();
+    let p = prefix("probe");
+    let key = "t|http://t/v1|";
+    let id = TargetId { index: 0, key };
+    // Two failures within 1 s open the breaker for 1 s.
+    let store = || {
+        let mut s = RedisHealth::new(&redis.url(), &p)
+            .unwrap()
+            .cooldowns(
+                Cooldowns::new()
+                    .failures(2)
+                    .window(Duration::from_secs(1))
+                    .cooldown(Duration::from_secs(1)),
+            )
+            .refresh(Duration::from_millis(20))
+            .unwrap();
+        s.bind(&[id]);
+        s
+    };
+    let (a, b) = (store(), store());
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !f() {
+            assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let fail = HealthOutcome::Failure { at_least: None };
+    a.record(id, fail, false);
+    a.record(id, fail, false);
+    until("B learns of the cooldown", &|| {
+        matches!(b.admit(id), Admission::Cooling(_))
+    });
+    // The cooldown and the failure window run out; A's probe fails. The shared count starts a
+    // new window at 1, below the threshold, yet the probe's failure opens the breaker again
+    // for every replica, as it does for A.
+    until("the cooldown ends", &|| a.cooling_for(id).is_zero());
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(a.admit(id), Admission::Probe);
+    a.record(id, fail, true);
+    assert!(!a.cooling_for(id).is_zero());
+    until("B learns that the probe failed", &|| {
+        !b.cooling_for(id).is_zero()
+    });
+    assert!(redis.pttl(&format!("{p}:cool:{key}")) > 0);
+    assert_eq!(a.redis_errors() + b.redis_errors(), 0);
 }

@@ -254,6 +254,27 @@ async fn when_every_target_drops_before_the_first_chunk_the_error_lists_both_att
         .all(|a| matches!(a.outcome(), AttemptOutcome::BodyFailed { .. })));
 }
 
+#[tokio::test]
+async fn with_hedging_on_every_target_dropping_before_the_first_chunk_is_an_error_too() {
+    let a = RawUpstream::start(SSE_HEAD, Then::Close).await;
+    let b = RawUpstream::start(SSE_HEAD, Then::Close).await;
+    let layer = layer(a.url(), b.url()).hedge(tower_model_fallback::Hedge::new(
+        std::time::Duration::from_secs(5),
+        2,
+    ));
+    let error = stack(&layer)
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap_err();
+    assert!(error.is_upstream(), "{error}");
+    assert_eq!(error.report().attempts().len(), 2);
+    assert!(error
+        .report()
+        .attempts()
+        .iter()
+        .all(|a| matches!(a.outcome(), AttemptOutcome::BodyFailed { .. })));
+}
+
 /// A body that yields nothing, ever.
 struct Silent;
 impl Body for Silent {
