@@ -1,33 +1,5 @@
 //! Cooldowns, failure counts and the retry budget shared by several processes through Redis
-//! (cargo feature `redis`).
-//!
-//! The request path never waits on Redis. Each process keeps the state in memory, exactly as
-//! [`Cooldowns`] and tower's [`TpsBudget`] do, and a background task keeps that state and Redis
-//! in step:
-//!
-//! - a failure is sent to the task without waiting (a bounded queue; when it is full the event
-//!   is dropped and only the local state learns of it) and written with one Lua script that
-//!   counts it in a shared window and, when the count reaches the threshold or the failure asks
-//!   for a cooldown (`Retry-After`, an exhausted quota), extends the target's shared cooldown key.
-//!   The key's TTL is the cooldown: a longer one extends it, a shorter one never shortens it, and
-//!   the compare and the write are one atomic script;
-//! - every `refresh` interval the task reads the TTL of every target's cooldown key (one pipelined
-//!   round trip) and extends the local cooldowns to match, so a cooldown learnt by one replica
-//!   reaches the others within one interval;
-//! - if Redis is down or slow (connect and response time-outs of one second), the task logs it
-//!   once, every replica keeps serving on its local state, and when Redis answers again the task
-//!   writes its local cooldowns back (never shortening anything) and logs the recovery.
-//!
-//! A success at a replica that has seen failures of a target resets the target's shared failure
-//! count; the success path of a healthy target sends nothing to Redis. Cooldown keys are never
-//! deleted early: a `Retry-After` is the provider's word for every replica, so they run out on
-//! their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas
-//! may send up to `n` probes; a failed probe opens the shared cooldown again. Keys are `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and
-//! `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model` (and a 32-bit
-//! fingerprint of its key, so that two keys for one model are two quota pools), so several
-//! gateways (with different prefixes, or the same targets under the same prefix) can share one
-//! Redis. The budget's script names its slot keys itself, so it needs a single Redis node, not a
-//! cluster.
+//! (cargo feature `redis`). See [`RedisHealth`] and [`RedisBudget`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -225,11 +197,38 @@ impl Connection {
 }
 
 /// A [`HealthStore`] whose cooldowns and failure counts are shared through Redis by every
-/// process that uses the same Redis and prefix (cargo feature `redis`). See the
-/// [module docs](self) for how it stays off the request path.
+/// process that uses the same Redis and prefix (cargo feature `redis`).
 ///
-/// It is [`Cooldowns`] in memory plus a background task on the tokio runtime, started the first
-/// time the layer uses it inside one.
+/// The request path never waits on Redis. Each process keeps the state in memory, exactly as
+/// [`Cooldowns`] and tower's [`TpsBudget`] do, and a background task keeps that state and Redis
+/// in step:
+///
+/// - a failure is sent to the task without waiting (a bounded queue; when it is full the event
+///   is dropped and only the local state learns of it) and written with one Lua script that
+///   counts it in a shared window and, when the count reaches the threshold or the failure asks
+///   for a cooldown (`Retry-After`, an exhausted quota), extends the target's shared cooldown key.
+///   The key's TTL is the cooldown: a longer one extends it, a shorter one never shortens it, and
+///   the compare and the write are one atomic script;
+/// - every `refresh` interval the task reads the TTL of every target's cooldown key (one pipelined
+///   round trip) and extends the local cooldowns to match, so a cooldown learnt by one replica
+///   reaches the others within one interval;
+/// - if Redis is down or slow (connect and response time-outs of one second), the task logs it
+///   once, every replica keeps serving on its local state, and when Redis answers again the task
+///   writes its local cooldowns back (never shortening anything) and logs the recovery.
+///
+/// A success at a replica that has seen failures of a target resets the target's shared failure
+/// count; the success path of a healthy target sends nothing to Redis. Cooldown keys are never
+/// deleted early: a `Retry-After` is the provider's word for every replica, so they run out on
+/// their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas
+/// may send up to `n` probes; a failed probe opens the shared cooldown again. Keys are
+/// `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model` (and a 32-bit
+/// fingerprint of its key, so that two keys for one model are two quota pools), so several
+/// gateways (with different prefixes, or the same targets under the same prefix) can share one
+/// Redis. The budget's script names its slot keys itself, so it needs a single Redis node, not a
+/// cluster.
+///
+/// The background task runs on the tokio runtime that first uses the store (which needs its time
+/// driver, as the layer's timers do).
 ///
 /// ```no_run
 /// use std::time::Duration;
