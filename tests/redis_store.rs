@@ -435,7 +435,10 @@ fn start_gateway(config: serde_json::Value, name: &str) -> Gateway {
             if let Some(mut pipe) = gateway.child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
             }
-            panic!("the gateway exited ({status}): {stderr}");
+            panic!(
+                "the gateway exited ({status}): {stderr}\n(the gateway example must be built with \
+                 the feature: `cargo build --features redis --example gateway`, as .ci/run does)"
+            );
         }
         std::thread::sleep(Duration::from_millis(25));
     }
