@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the figures in BENCHMARKS.md: run it, then paste its output into the file.
-# Takes about 8 minutes on 2 cores. Needs valgrind for the instruction counts, and redis-server
+# Takes about 9 minutes on 2 cores. Needs valgrind for the instruction counts, and redis-server
 # for the shared health store's figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,11 @@ echo
 echo "## Model substitution: time (cargo bench --bench substitute)"
 echo '```'
 cargo bench --bench substitute -- --measurement-time 3 2>/dev/null | grep -E '^substitute/|time:' | grep -v -e '^Benchmarking' -e '%'
+echo '```'
+echo
+echo "## Load on loopback: instructions per request (scripts/gateway-instructions.sh)"
+echo '```'
+./scripts/gateway-instructions.sh
 echo '```'
 echo
 echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5), 5 runs"

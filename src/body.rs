@@ -220,6 +220,48 @@ impl Collector {
     }
 }
 
+/// Frames read ahead of the caller, in order. The first is kept inline: the usual read-ahead is
+/// one chunk, and it then costs no allocation.
+pub(crate) struct Frames<D> {
+    first: Option<Frame<D>>,
+    rest: VecDeque<Frame<D>>,
+}
+
+impl<D> Default for Frames<D> {
+    fn default() -> Self {
+        Frames {
+            first: None,
+            rest: VecDeque::new(),
+        }
+    }
+}
+
+impl<D> Frames<D> {
+    pub(crate) fn push_back(&mut self, frame: Frame<D>) {
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(frame);
+        } else {
+            self.rest.push_back(frame);
+        }
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Frame<D>> {
+        self.first.take().or_else(|| self.rest.pop_front())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none() && self.rest.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame<D>> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
 pin_project_lite::pin_project! {
     /// The response body handed to the caller: the inner response's body, streamed through
     /// unchanged, preceded by the frames the layer read before deciding (an error body's start,
@@ -230,7 +272,7 @@ pin_project_lite::pin_project! {
     /// truncated end, and it is recorded in the [`FallbackReport`](crate::FallbackReport)
     /// ([`stream_error`](crate::FallbackReport::stream_error)).
     pub struct ResponseBody<B: Body> {
-        buffered: VecDeque<Frame<B::Data>>,
+        buffered: Frames<B::Data>,
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<BodyCells>,
@@ -243,7 +285,7 @@ pin_project_lite::pin_project! {
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn with_buffered(
         inner: B,
-        buffered: VecDeque<Frame<B::Data>>,
+        buffered: Frames<B::Data>,
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<BodyCells>,
@@ -363,6 +405,25 @@ fn failed<D>(record: &BodyCells, error: BoxError) -> Poll<Option<Result<Frame<D>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_ahead_frames_come_back_in_order() {
+        let mut frames = Frames::default();
+        assert!(frames.is_empty());
+        for chunk in ["a", "b", "c"] {
+            frames.push_back(Frame::data(Bytes::from_static(chunk.as_bytes())));
+        }
+        assert_eq!(frames.len(), 3);
+        let first = frames.pop_front().and_then(|f| f.into_data().ok());
+        assert_eq!(first.as_deref(), Some(&b"a"[..]));
+        // Pushed after the inline one was taken: still behind the queued ones.
+        frames.push_back(Frame::data(Bytes::from_static(b"d")));
+        let rest: Vec<Bytes> = std::iter::from_fn(|| frames.pop_front())
+            .filter_map(|f| f.into_data().ok())
+            .collect();
+        assert_eq!(rest, ["b", "c", "d"]);
+        assert!(frames.is_empty());
+    }
 
     #[test]
     fn a_single_chunk_is_kept_without_copying() {

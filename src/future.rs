@@ -1,6 +1,5 @@
 //! The response future: read the body, then attempt targets one after the other.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use http_body::{Body, Frame};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use crate::body::{Collector, ReplayBody, ResponseBody};
+use crate::body::{Collector, Frames, ReplayBody, ResponseBody};
 use crate::catalog::UsageMeter;
 use crate::error::{BoxError, FallbackError};
 use crate::health::{Admission, HealthOutcome, TargetId};
@@ -72,9 +71,9 @@ where
     prepared: Option<Prepared>,
     failed: Option<FallbackError>,
     report: FallbackReport,
-    /// The targets to try, in order (every target's index, or, when all were cooling down,
-    /// sorted by how soon they recover).
-    order: Vec<usize>,
+    /// The targets to try, in order, when it is not the configured one (when all were cooling
+    /// down: sorted by how soon they recover). `None`, the usual case, allocates nothing.
+    order: Option<Vec<usize>>,
     /// The next position in `order`.
     cursor: usize,
     /// Every target was cooling down: try them without asking the health store.
@@ -133,7 +132,8 @@ struct Flight<F, R: Body> {
 
 enum Stage<F, R: Body> {
     Calling(Pin<Box<F>>),
-    Reading(Peek<R>, Option<Pin<Box<tokio::time::Sleep>>>),
+    /// Boxed: hedged flights only, and a `Peek` holds its first frame inline.
+    Reading(Box<Peek<R>>, Option<Pin<Box<tokio::time::Sleep>>>),
 }
 
 /// An attempt's outcome, assessed: its response (if any), what happened, what the policy says,
@@ -165,7 +165,7 @@ enum Plan {
 struct Peek<R: Body> {
     head: response::Parts,
     body: R,
-    frames: VecDeque<Frame<R::Data>>,
+    frames: Frames<R::Data>,
     read: usize,
     error: Option<BoxError>,
     ended: bool,
@@ -200,7 +200,7 @@ impl<R: Body> Peek<R> {
         Peek {
             head,
             body,
-            frames: VecDeque::new(),
+            frames: Frames::default(),
             read: 0,
             error: None,
             ended: false,
@@ -273,7 +273,7 @@ where
                 prepared: None,
                 failed,
                 report: FallbackReport::default(),
-                order: Vec::new(),
+                order: None,
                 cursor: 0,
                 forced: false,
                 upcoming: None,
@@ -388,19 +388,20 @@ where
             }
         }
         let n = self.shared.targets.len();
-        self.order = (0..n).collect();
+        self.order = None;
         if let Some(health) = &self.shared.health {
-            let cooling: Vec<Duration> = (0..n)
-                .map(|i| {
-                    self.target_id(i)
-                        .map_or(Duration::ZERO, |id| health.cooling_for(id))
-                })
-                .collect();
-            if cooling.iter().all(|c| !c.is_zero()) {
+            let cooling = |i: usize| {
+                self.target_id(i)
+                    .map_or(Duration::ZERO, |id| health.cooling_for(id))
+            };
+            // Usually answered by the first target, without collecting anything.
+            if (0..n).all(|i| !cooling(i).is_zero()) {
                 // Every target is cooling down: try them anyway, soonest to recover first,
                 // rather than fail without a call.
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by_cached_key(|&i| cooling(i));
+                self.order = Some(order);
                 self.forced = true;
-                self.order.sort_by_key(|i| cooling[*i]);
             }
         }
         if self.choose_next(false) {
@@ -412,7 +413,7 @@ where
             .map(|s| (s.remaining, s.target_index))
             .collect();
         cooling.sort();
-        self.order = cooling.into_iter().map(|(_, i)| i).collect();
+        self.order = Some(cooling.into_iter().map(|(_, i)| i).collect());
         self.cursor = 0;
         self.forced = true;
         if self.choose_next(false) {
@@ -422,10 +423,18 @@ where
         }
     }
 
+    /// The target at `position` in the order of trial.
+    fn order_at(&self, position: usize) -> Option<usize> {
+        match &self.order {
+            Some(order) => order.get(position).copied(),
+            None => (position < self.shared.targets.len()).then_some(position),
+        }
+    }
+
     /// Chooses the next target in `order` that the health store admits, recording the ones it
     /// skips. Sets `upcoming`; false when none is left.
     fn choose_next(&mut self, charged: bool) -> bool {
-        while let Some(&index) = self.order.get(self.cursor) {
+        while let Some(index) = self.order_at(self.cursor) {
             self.cursor += 1;
             let upcoming = if self.forced || self.shared.health.is_none() {
                 Some(Upcoming {
@@ -1140,13 +1149,13 @@ where
                         Head::Read(peek) => {
                             // Its body decides: keep racing the others while it is read.
                             let t = self.read_timer(peek.purpose).map(Box::pin);
-                            self.flights[i].stage = Stage::Reading(peek, t);
+                            self.flights[i].stage = Stage::Reading(Box::new(peek), t);
                         }
                     },
                     Err(stop) => {
                         let flight = self.flights.swap_remove(i);
                         let assessed = match flight.stage {
-                            Stage::Reading(peek, _) => Ok(self.assess(peek, stop)),
+                            Stage::Reading(peek, _) => Ok(self.assess(*peek, stop)),
                             Stage::Calling(_) => Err("a hedged attempt lost its state".into()),
                         };
                         return Some((flight.current, assessed));
@@ -1315,7 +1324,7 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The bytes read from a body, in one buffer (error paths and first chunks only).
-fn contiguous<D: Buf>(frames: &VecDeque<Frame<D>>) -> Vec<u8> {
+fn contiguous<D: Buf>(frames: &Frames<D>) -> Vec<u8> {
     let mut out = Vec::new();
     for data in frames.iter().filter_map(Frame::data_ref) {
         out.extend_from_slice(data.chunk());

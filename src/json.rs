@@ -12,6 +12,7 @@
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -298,6 +299,24 @@ fn attention(w: u64) -> u64 {
     quote | backslash | control
 }
 
+/// The position of the first `"`, `\` or control character at or after `pos` (or the end),
+/// skipping plain bytes eight at a time; `high` collects the high bits seen.
+#[inline(always)]
+fn skip_plain(buf: &[u8], mut pos: usize, high: &mut u64) -> usize {
+    while let Some(chunk) = buf.get(pos..pos + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let word = u64::from_le_bytes(word);
+        *high |= word;
+        let mask = attention(word);
+        if mask != 0 {
+            return pos + (mask.trailing_zeros() / 8) as usize;
+        }
+        pos += 8;
+    }
+    pos
+}
+
 impl Scanner<'_> {
     fn peek(&self) -> Option<u8> {
         self.buf.get(self.pos).copied()
@@ -357,19 +376,7 @@ impl Scanner<'_> {
         // UTF-8 validation (a whole-body pass cost more than the scan of an ASCII body).
         let mut high = 0u64;
         loop {
-            // Skip plain bytes eight at a time, landing on the first special one.
-            while let Some(chunk) = buf.get(pos..pos + 8) {
-                let mut word = [0u8; 8];
-                word.copy_from_slice(chunk);
-                let word = u64::from_le_bytes(word);
-                high |= word;
-                let mask = attention(word);
-                if mask != 0 {
-                    pos += (mask.trailing_zeros() / 8) as usize;
-                    break;
-                }
-                pos += 8;
-            }
+            pos = skip_plain(buf, pos, &mut high);
             match buf.get(pos) {
                 Some(b'"') => {
                     if high & HIGHS != 0 {
@@ -529,10 +536,18 @@ impl Scanner<'_> {
 }
 
 /// The model a caller asked for: the first top-level `"model"` value, when it is a string.
-pub(crate) fn requested_model(body: &[u8], slots: &ModelSlots) -> Option<String> {
-    match slots {
-        ModelSlots::Replace(ranges) => serde_json::from_slice(&body[ranges.first().clone()]).ok(),
-        ModelSlots::Insert { .. } => None,
+pub(crate) fn requested_model(body: &[u8], slots: &ModelSlots) -> Option<Arc<str>> {
+    let ModelSlots::Replace(ranges) = slots else {
+        return None;
+    };
+    let raw = &body[ranges.first().clone()];
+    match raw {
+        // A string without escapes (the usual case) is its own content: `locate` checked its
+        // UTF-8, so no decoding and one allocation.
+        [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => {
+            std::str::from_utf8(inner).ok().map(Arc::from)
+        }
+        _ => serde_json::from_slice::<String>(raw).ok().map(Arc::from),
     }
 }
 
@@ -603,10 +618,57 @@ mod tests {
     }
 
     #[test]
+    fn every_special_byte_is_found_at_every_offset_of_a_block() {
+        // Offsets across several words of the word-at-a-time skip and the byte-at-a-time end.
+        for at in 0..40 {
+            for tail in [0, 3, 20] {
+                let body = |special: &str| {
+                    format!(
+                        "{{\"a\":\"{}{special}{}\"}}",
+                        "x".repeat(at),
+                        "y".repeat(tail)
+                    )
+                };
+                let err = locate(body("\u{1}").as_bytes()).unwrap_err();
+                assert_eq!(
+                    (err.reason, err.offset),
+                    ("control character in a string", 6 + at)
+                );
+                assert!(locate(body("\\n").as_bytes()).is_ok(), "escape at {at}");
+                let err = locate(body("\\q").as_bytes()).unwrap_err();
+                assert_eq!((err.reason, err.offset), ("invalid escape", 6 + at));
+                assert!(locate(body("é").as_bytes()).is_ok(), "UTF-8 at {at}");
+                let mut bad = body("").into_bytes();
+                bad.insert(6 + at, 0xff);
+                let err = locate(&bad).unwrap_err();
+                assert_eq!((err.reason, err.offset), ("invalid UTF-8", 6 + at));
+                // A closing quote: what follows is then outside the string.
+                let err = locate(body("\"").as_bytes()).unwrap_err();
+                assert_eq!(err.offset, 7 + at, "quote at {at}");
+            }
+        }
+    }
+
+    #[test]
     fn inserts_a_missing_model() {
         assert_eq!(sub(r#"{"a":1}"#, "m").unwrap(), r#"{"model":"m","a":1}"#);
         assert_eq!(sub(r#" { } "#, "m").unwrap(), r#" {"model":"m" } "#);
         assert_eq!(sub(r#"{}"#, "m").unwrap(), r#"{"model":"m"}"#);
+    }
+
+    #[test]
+    fn the_requested_model_is_read_with_or_without_escapes() {
+        let model =
+            |body: &str| requested_model(body.as_bytes(), &locate(body.as_bytes()).unwrap());
+        assert_eq!(model(r#"{"model":"gpt-4o"}"#).as_deref(), Some("gpt-4o"));
+        assert_eq!(
+            model(r#"{"model":"gpt\u002d4o\"x"}"#).as_deref(),
+            Some("gpt-4o\"x")
+        );
+        assert_eq!(model(r#"{"model":"modèle"}"#).as_deref(), Some("modèle"));
+        assert_eq!(model(r#"{"model":""}"#).as_deref(), Some(""));
+        assert_eq!(model(r#"{"model":7}"#), None);
+        assert_eq!(model(r#"{"n":1}"#), None);
     }
 
     #[test]

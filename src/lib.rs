@@ -195,6 +195,8 @@ pub mod __private {
 
     /// The first `model` field of a `multipart/form-data` body, as the layer reads it.
     pub fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
-        crate::multipart::locate(body, boundary)?.requested_model(body)
+        crate::multipart::locate(body, boundary)?
+            .requested_model(body)
+            .map(|m| m.to_string())
     }
 }

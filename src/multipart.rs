@@ -137,11 +137,9 @@ impl ModelParts {
     }
 
     /// The first `model` value, when it is UTF-8.
-    pub(crate) fn requested_model(&self, body: &[u8]) -> Option<String> {
+    pub(crate) fn requested_model(&self, body: &[u8]) -> Option<std::sync::Arc<str>> {
         let r = self.values.first()?;
-        std::str::from_utf8(&body[r.clone()])
-            .ok()
-            .map(str::to_owned)
+        std::str::from_utf8(&body[r.clone()]).ok().map(Into::into)
     }
 }
 

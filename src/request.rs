@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{request, Extensions, Method, Request};
 
 use crate::body::ReplayBody;
@@ -24,7 +25,7 @@ pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
 ];
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1), plus the ones rewritten per attempt.
-const DROPPED_HEADERS: [HeaderName; 11] = [
+static DROPPED_HEADERS: [HeaderName; 11] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -60,7 +61,8 @@ pub(crate) fn credential_names(targets: &[Target]) -> Vec<HeaderName> {
 /// The caller's request, read and cleaned once; every attempt is built from it.
 pub(crate) struct Prepared {
     method: Method,
-    path_and_query: Box<str>,
+    /// Kept as parsed: a clone is a reference count, not a copy.
+    path_and_query: PathAndQuery,
     headers: HeaderMap,
     caller_credentials: Vec<(HeaderName, HeaderValue)>,
     extensions: Extensions,
@@ -102,8 +104,7 @@ impl Prepared {
             BodyPlan::Json(slots) => json::requested_model(&body, slots),
             BodyPlan::Multipart(parts) => parts.requested_model(&body),
             BodyPlan::Unchanged => None,
-        }
-        .map(Arc::from);
+        };
 
         // Headers named by `connection` are hop-by-hop too.
         let named: Vec<HeaderName> = headers
@@ -114,30 +115,44 @@ impl Prepared {
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
             .collect();
         // One pass over the (few) headers present finds what to drop, rather than a hashed
-        // removal for each of the dozen names that could be there.
-        let mut dropped: Vec<HeaderName> = Vec::new();
+        // removal for each of the dozen names that could be there. The fixed names are marked
+        // in bit sets, so the usual request allocates nothing here.
+        let mut dropped_fixed = 0u32;
+        let mut dropped_credentials = 0u64;
+        let mut dropped_other: Vec<HeaderName> = Vec::new();
         let mut caller_credentials = Vec::new();
         for (name, value) in headers.iter() {
-            if credentials.contains(name) {
+            if let Some(i) = credentials.iter().position(|c| c == name) {
                 let mut value = value.clone();
                 value.set_sensitive(true);
                 caller_credentials.push((name.clone(), value));
+                if i < 64 {
+                    dropped_credentials |= 1 << i;
+                    continue;
+                }
+            } else if let Some(i) = DROPPED_HEADERS.iter().position(|d| d == name) {
+                dropped_fixed |= 1 << i;
+                continue;
+            } else if !named.contains(name) {
+                continue;
             }
-            let drop = credentials.contains(name)
-                || DROPPED_HEADERS.contains(name)
-                || named.contains(name);
-            if drop && !dropped.contains(name) {
-                dropped.push(name.clone());
+            if !dropped_other.contains(name) {
+                dropped_other.push(name.clone());
             }
         }
-        for name in &dropped {
+        let fixed = (0..DROPPED_HEADERS.len())
+            .filter(|i| dropped_fixed & (1 << i) != 0)
+            .map(|i| &DROPPED_HEADERS[i]);
+        let credential = (0..credentials.len().min(64))
+            .filter(|i| dropped_credentials & (1 << i) != 0)
+            .map(|i| &credentials[i]);
+        for name in fixed.chain(credential).chain(&dropped_other) {
             headers.remove(name);
         }
         let path_and_query = uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned()
-            .into_boxed_str();
+            .into_parts()
+            .path_and_query
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         Ok(Prepared {
             method,
             path_and_query,
@@ -188,7 +203,7 @@ impl Prepared {
         }
         headers.insert(header::HOST, target.host.clone());
         if self.send_content_length {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            headers.insert(header::CONTENT_LENGTH, content_length(body.len()));
         }
 
         let mut request = Request::new(body);
@@ -202,6 +217,22 @@ impl Prepared {
             substituted,
         })
     }
+}
+
+/// A `content-length` value in one allocation (`HeaderValue::from(usize)` takes two).
+fn content_length(n: u64) -> HeaderValue {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    HeaderValue::from_bytes(&digits[at..]).expect("ASCII digits are a valid header value")
 }
 
 /// Where the model goes in a body.
@@ -251,13 +282,12 @@ fn content_type_is_json(headers: &HeaderMap) -> Option<bool> {
     let Ok(value) = value.to_str() else {
         return Some(false);
     };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    Some(essence == "application/json" || essence.ends_with("+json"))
+    let essence = value.split(';').next().unwrap_or("").trim().as_bytes();
+    let suffix = essence.len().checked_sub(5).map(|at| &essence[at..]);
+    Some(
+        essence.eq_ignore_ascii_case(b"application/json")
+            || suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json")),
+    )
 }
 
 #[cfg(test)]
@@ -287,8 +317,49 @@ mod tests {
         assert_eq!(ct("application/json"), Some(true));
         assert_eq!(ct("Application/JSON; charset=utf-8"), Some(true));
         assert_eq!(ct("application/merge-patch+json"), Some(true));
+        assert_eq!(ct("application/VND.api+JSON"), Some(true));
         assert_eq!(ct("text/plain"), Some(false));
+        assert_eq!(ct("json"), Some(false));
+        assert_eq!(ct("+json"), Some(true));
+        assert_eq!(ct("application/jsonp"), Some(false));
         assert_eq!(content_type_is_json(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn content_length_values() {
+        for n in [0, 7, 10, 13, 1_048_576, u64::MAX] {
+            assert_eq!(content_length(n), HeaderValue::from(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn every_credential_name_is_removed_past_the_first_sixty_four() {
+        let targets: Vec<Target> = (0..70)
+            .map(|i| {
+                Target::new("http://up.example")
+                    .unwrap()
+                    .api_key_header(format!("x-key-{i}"), "k")
+                    .unwrap()
+            })
+            .collect();
+        let names = credential_names(&targets);
+        assert!(names.len() > 64);
+        let mut req = Request::post("/v1/x");
+        for name in &names {
+            req = req.header(name, "caller").header(name, "caller-again");
+        }
+        let (parts, _) = req.body(()).unwrap().into_parts();
+        let p = Prepared::new(parts, Bytes::new(), &names).unwrap();
+        let plan = p
+            .attempt(&Target::new("http://other.example").unwrap())
+            .unwrap();
+        for name in &names {
+            assert!(
+                !plan.request.headers().contains_key(name),
+                "{name} was forwarded"
+            );
+        }
+        assert_eq!(p.caller_credentials.len(), names.len() * 2);
     }
 
     #[test]
@@ -297,6 +368,7 @@ mod tests {
             .header("content-type", "application/json")
             .header("authorization", "Bearer caller")
             .header("x-api-key", "caller2")
+            .header("x-api-key", "caller2-again")
             .header("x-custom-key", "caller3")
             .header("proxy-authorization", "Basic x")
             .header("connection", "keep-alive, x-hop")
@@ -326,6 +398,7 @@ mod tests {
         assert_eq!(h["x-keep"], "yes");
         for gone in [
             "x-api-key",
+            "x-custom-key",
             "proxy-authorization",
             "connection",
             "x-hop",

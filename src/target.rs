@@ -236,12 +236,14 @@ impl Target {
     /// path and query.
     pub(crate) fn uri_for(
         &self,
-        path_and_query: &str,
+        path_and_query: &PathAndQuery,
         model: Option<&str>,
     ) -> Result<Uri, crate::error::BoxError> {
-        let joined = if self.base_path.is_empty() {
-            Bytes::copy_from_slice(path_and_query.as_bytes())
+        let pq = if self.base_path.is_empty() {
+            // Already parsed: shared, not copied.
+            path_and_query.clone()
         } else {
+            let path_and_query = path_and_query.as_str();
             let mut s = String::with_capacity(self.base_path.len() + path_and_query.len());
             if self.base_path.contains(MODEL_PLACEHOLDER) {
                 let model =
@@ -255,14 +257,13 @@ impl Target {
                 s.push_str(&self.base_path);
             }
             s.push_str(path_and_query);
-            Bytes::from(s)
+            PathAndQuery::from_maybe_shared(Bytes::from(s))?
         };
-        let pq = PathAndQuery::from_maybe_shared(joined)?;
-        Ok(Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()?)
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(pq);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
@@ -351,22 +352,26 @@ mod tests {
     fn joins_the_base_path_and_the_callers_path_like_the_openai_sdk() {
         let t = Target::new("https://api.cometapi.com/v1/").unwrap();
         assert_eq!(
-            t.uri_for("/chat/completions?a=1", None).unwrap(),
+            t.uri_for(&PathAndQuery::from_static("/chat/completions?a=1"), None)
+                .unwrap(),
             "https://api.cometapi.com/v1/chat/completions?a=1"
         );
         let root = Target::new("http://127.0.0.1:8080").unwrap();
         assert_eq!(
-            root.uri_for("/v1/models", Some("m")).unwrap(),
+            root.uri_for(&PathAndQuery::from_static("/v1/models"), Some("m"))
+                .unwrap(),
             "http://127.0.0.1:8080/v1/models"
         );
         let azure = Target::new("https://res.openai.azure.com/openai/deployments/{model}").unwrap();
         assert_eq!(
             azure
-                .uri_for("/chat/completions?api-version=2024-10-21", Some("gpt-4o mini/é"))
+                .uri_for(&PathAndQuery::from_static("/chat/completions?api-version=2024-10-21"), Some("gpt-4o mini/é"))
                 .unwrap(),
             "https://res.openai.azure.com/openai/deployments/gpt-4o%20mini%2F%C3%A9/chat/completions?api-version=2024-10-21"
         );
-        assert!(azure.uri_for("/chat/completions", None).is_err());
+        assert!(azure
+            .uri_for(&PathAndQuery::from_static("/chat/completions"), None)
+            .is_err());
         assert_eq!(root.get_name(), "127.0.0.1");
         assert_eq!(root.host, "127.0.0.1:8080");
     }

@@ -202,7 +202,11 @@ pub async fn log_stats(stats: Stats, period: Duration) {
 }
 
 /// Forwards one request; the answer streams back with `x-fallback-*` headers.
-async fn proxy(State(stack): State<Stack>, request: Request) -> Response {
+async fn proxy(State(stack): State<Stack>, mut request: Request) -> Response {
+    // axum's routing extensions (matched path, nested path, original URI) mean nothing to the
+    // upstream client, and the layer gives every attempt its own copy of a request's extensions:
+    // dropped here, they cost no copy at all.
+    request.extensions_mut().clear();
     let method = request.method().clone();
     // For the log line: a reference count, not a copy.
     let uri = request.uri().clone();
@@ -226,10 +230,8 @@ async fn proxy(State(stack): State<Stack>, request: Request) -> Response {
                     attempts = report.attempts().len(), "proxied",
                 );
             }
-            head.headers.insert(
-                "x-fallback-attempts",
-                HeaderValue::from(report.attempts().len()),
-            );
+            head.headers
+                .insert("x-fallback-attempts", count(report.attempts().len()));
             Response::from_parts(head, Body::new(body))
         }
         Err(error) => {
@@ -237,6 +239,14 @@ async fn proxy(State(stack): State<Stack>, request: Request) -> Response {
             openai_error(&error)
         }
     }
+}
+
+/// A small count as a header value without an allocation (`HeaderValue::from` makes two).
+fn count(n: usize) -> HeaderValue {
+    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
+    DIGITS
+        .get(n)
+        .map_or_else(|| HeaderValue::from(n), |d| HeaderValue::from_static(d))
 }
 
 /// A header, when the value can be one (a model ID with a newline cannot, and is left out).
