@@ -345,6 +345,7 @@ impl Scanner<'_> {
     }
 
     /// An object key and its colon; returns whether the key is `model`.
+    #[inline(always)]
     fn key(&mut self) -> Result<bool, JsonError> {
         if self.peek() != Some(b'"') {
             return Err(self.error("expected a string key"));
@@ -366,6 +367,7 @@ impl Scanner<'_> {
     }
 
     /// A string starting at the opening quote; returns whether it contains escapes.
+    #[inline(always)]
     fn string(&mut self) -> Result<bool, JsonError> {
         // The position lives in a register here: this loop is where the scanner spends its time.
         let buf = self.buf;

@@ -24,8 +24,9 @@ pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
     "cookie",
 ];
 
-/// Headers that belong to one hop (RFC 9110 §7.6.1), plus the ones rewritten per attempt.
-static DROPPED_HEADERS: [HeaderName; 11] = [
+/// Headers that belong to one hop (RFC 9110 §7.6.1). `host` and `content-length` are rewritten
+/// for every attempt instead (see [`Prepared::new`]).
+static DROPPED_HEADERS: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -35,8 +36,6 @@ static DROPPED_HEADERS: [HeaderName; 11] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::EXPECT,
-    header::HOST,
-    header::CONTENT_LENGTH,
 ];
 
 pub(crate) fn is_credential(name: &HeaderName) -> bool {
@@ -148,6 +147,13 @@ impl Prepared {
             .map(|i| &credentials[i]);
         for name in fixed.chain(credential).chain(&dropped_other) {
             headers.remove(name);
+        }
+        // Every attempt sets `host` (and `content-length`, when one is sent) to its own value.
+        // Their entries stay in the head, so that each attempt's copy of it replaces them in place
+        // rather than growing (a clone of a header map has no room to spare).
+        headers.insert(header::HOST, HeaderValue::from_static(""));
+        if send_content_length {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         }
         let path_and_query = uri
             .into_parts()
