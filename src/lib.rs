@@ -193,6 +193,13 @@ pub mod __private {
         crate::multipart::locate(body, boundary)?.splice(body, model)
     }
 
+    /// The model a JSON body asks for (its first top-level `"model"`, when a string), as the
+    /// layer reads it for the report; `None` for invalid JSON.
+    pub fn requested_model(body: &[u8]) -> Option<String> {
+        let slots = crate::json::locate(body).ok()?;
+        crate::json::requested_model(body, &slots).map(|m| m.to_string())
+    }
+
     /// The first `model` field of a `multipart/form-data` body, as the layer reads it.
     pub fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
         crate::multipart::locate(body, boundary)?

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::Value;
-use tower_model_fallback::__private::substitute;
+use tower_model_fallback::__private::{requested_model, substitute};
 
 fn ws() -> impl Strategy<Value = &'static str> {
     prop::sample::select(vec!["", "", " ", "\n", "\t", "\r\n  ", "   "])
@@ -178,6 +178,15 @@ proptest! {
             format!("{}\"model\":{literal}{comma}{}", &input[..=brace], &input[brace + 1..])
         };
         prop_assert_eq!(&output, &expected);
+
+        // The model the report names: the first top-level one, decoded, when it is a string.
+        let asked = members.iter().find(|m| m.is_model).and_then(|m| {
+            match serde_json::from_str::<Value>(&m.value).unwrap() {
+                Value::String(s) => Some(s),
+                _ => None,
+            }
+        });
+        prop_assert_eq!(requested_model(input.as_bytes()), asked);
 
         // Value-faithful: parses to the original with only the top-level model replaced.
         let mut original: Value = serde_json::from_str(&input).unwrap();
