@@ -9,10 +9,10 @@ use tower::retry::budget::TpsBudget;
 
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
-use crate::health::Cooldowns;
 use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
 use crate::policy::DefaultClassifier;
-use crate::retry::{Hedge, Retries};
+use crate::resilience::Cooldowns;
+use crate::resilience::{Hedge, Retries};
 use crate::target::Target;
 
 /// A [`FallbackLayer`] described as data: targets, limits and timeouts. Unknown fields are an
@@ -51,9 +51,8 @@ pub struct FallbackConfig {
     /// Bound on the part of an error body read to classify it (default 8192).
     #[serde(default = "default_error_body_limit")]
     pub error_body_limit: usize,
-    /// Time for one attempt's response head, in milliseconds (default: none). The layer does
-    /// not enforce it: put a `TimeoutLayer` inside the fallback layer with
-    /// [`attempt_timeout`](FallbackConfig::attempt_timeout), as the gateway example does.
+    /// Time for one attempt's response head, in milliseconds (default: none), enforced by the
+    /// layer ([`FallbackLayer::attempt_timeout`]): past it the attempt counts as a timeout.
     #[serde(default)]
     pub attempt_timeout_ms: Option<u64>,
     /// Time a response head may wait for its first body chunk, in milliseconds (default: none).
@@ -462,6 +461,9 @@ impl FallbackConfig {
             .wait_for_first_chunk(self.wait_for_first_chunk);
         if let Some(ms) = self.first_byte_timeout_ms {
             layer = layer.first_byte_timeout(Duration::from_millis(ms));
+        }
+        if let Some(timeout) = self.attempt_timeout() {
+            layer = layer.attempt_timeout(timeout);
         }
         let ms = Duration::from_millis;
         layer = layer.retries(

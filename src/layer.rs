@@ -11,11 +11,11 @@ use tower::retry::budget::Budget;
 
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
-use crate::health::{Cooldowns, HealthStore, TargetId};
 use crate::policy::{Classify, DefaultClassifier};
-use crate::retry::{Hedge, Retries};
+use crate::resilience::health::{Bound, Cooldowns, HealthStore, TargetId};
+use crate::resilience::Stats;
+use crate::resilience::{Hedge, Retries};
 use crate::service::Fallback;
-use crate::stats::Stats;
 use crate::target::Target;
 
 /// The default bound on a buffered request body: 32 MiB.
@@ -58,8 +58,10 @@ pub(crate) struct Shared {
     pub(crate) error_body_limit: usize,
     pub(crate) wait_for_first_chunk: bool,
     pub(crate) first_byte_timeout: Option<std::time::Duration>,
+    /// Bounds one attempt's wait for its response head.
+    pub(crate) attempt_timeout: Option<Duration>,
     pub(crate) retries: Retries,
-    pub(crate) health: Option<Arc<dyn HealthStore>>,
+    pub(crate) health: Option<Arc<Bound>>,
     /// `name|base_url|model` for each target: how a shared health store names it.
     pub(crate) target_keys: Arc<[Box<str>]>,
     pub(crate) quota_cooldown: Duration,
@@ -116,6 +118,7 @@ impl FallbackLayer {
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
                 wait_for_first_chunk: true,
                 first_byte_timeout: None,
+                attempt_timeout: None,
                 retries: Retries::default(),
                 health: None,
                 target_keys,
@@ -158,6 +161,30 @@ impl FallbackLayer {
         self
     }
 
+    /// How long one attempt may wait for its response head before it counts as timed out and
+    /// the policy decides as for any timeout (by default: retry or move to the next target).
+    /// Default: no limit. The layer's own timer gives the same outcome as a tower
+    /// `TimeoutLayer` inside the layer (a `tower::timeout::error::Elapsed`), without one more
+    /// service in the stack. The body's first byte is bounded by
+    /// [`first_byte_timeout`](FallbackLayer::first_byte_timeout), the whole request by
+    /// [`deadline`](FallbackLayer::deadline). Needs a tokio runtime with its time driver.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_model_fallback::{FallbackLayer, Target};
+    ///
+    /// # fn main() -> Result<(), tower_model_fallback::ConfigError> {
+    /// let layer = FallbackLayer::new([Target::new("https://api.openai.com/v1")?])?
+    ///     .attempt_timeout(Duration::from_secs(30));
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.shared).attempt_timeout = Some(timeout);
+        self
+    }
+
     /// How long a response head may wait for its first body chunk (and an error body for the
     /// bytes read to classify it) before the attempt counts as timed out (default: no limit).
     /// Needs a tokio runtime with its time driver.
@@ -178,7 +205,10 @@ impl FallbackLayer {
         let n = self.shared.targets.len();
         let shared = Arc::make_mut(&mut self.shared);
         shared.quota_cooldown = cooldowns.settings().quota_cooldown;
-        shared.health = Some(Arc::new(cooldowns.for_targets(n)));
+        shared.health = Some(Arc::new(Bound::new(
+            Box::new(cooldowns.for_targets(n)),
+            shared.target_keys.clone(),
+        )));
         self
     }
 
@@ -197,7 +227,10 @@ impl FallbackLayer {
         drop(ids);
         let shared = Arc::make_mut(&mut self.shared);
         shared.quota_cooldown = quota_cooldown;
-        shared.health = Some(Arc::new(store));
+        shared.health = Some(Arc::new(Bound::new(
+            Box::new(store),
+            shared.target_keys.clone(),
+        )));
         self
     }
 
@@ -323,6 +356,12 @@ impl FallbackLayer {
     pub fn classifier(mut self, classifier: impl Classify) -> Self {
         Arc::make_mut(&mut self.shared).classifier = Arc::new(classifier);
         self
+    }
+
+    /// The settings every service of this layer shares.
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The targets, in order.

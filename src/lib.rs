@@ -133,44 +133,42 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod body;
+mod attempt;
 mod catalog;
 mod config;
+mod engine;
 mod error;
 mod future;
-mod health;
-mod json;
 mod layer;
-mod multipart;
+mod media;
 mod policy;
-#[cfg(feature = "redis")]
-mod redis_store;
 mod report;
 mod request;
-mod retry;
+mod resilience;
+mod response;
 mod service;
-mod sse;
-mod stats;
 mod target;
 
-pub use body::{ReplayBody, ResponseBody};
-pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing, Usage};
+pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing};
 pub use config::{
     BudgetConfig, CooldownConfig, FallbackConfig, HealthStoreConfig, HedgeConfig, TargetConfig,
 };
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
-pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
 pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
+pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason, Usage};
+pub use request::ReplayBody;
+pub use resilience::{
+    Admission, Bucket, Cooldowns, HealthOutcome, HealthStore, Hedge, Retries, Stats, StatsSnapshot,
+    TargetId, TargetStats, LATENCY_BUCKETS_MS,
+};
 #[cfg(feature = "redis")]
-pub use redis_store::{RedisBudget, RedisHealth};
-pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason};
-pub use retry::{Hedge, Retries};
+pub use resilience::{RedisBudget, RedisHealth};
+pub use response::ResponseBody;
 pub use service::Fallback;
-pub use stats::{Bucket, Stats, StatsSnapshot, TargetStats, LATENCY_BUCKETS_MS};
 pub use target::Target;
 
 #[doc(hidden)]
@@ -182,27 +180,27 @@ pub mod __private {
     /// Substitutes the top-level model of a JSON object body, as the layer does for a target
     /// whose model is `model`: the slices the layer would send.
     pub fn substitute(body: &Bytes, model: &str) -> Result<Vec<Bytes>, String> {
-        let slots = crate::json::locate(body).map_err(|e| e.to_string())?;
-        Ok(slots.splice(body, &crate::json::ModelLiteral::new(model)))
+        let slots = crate::request::json::locate(body).map_err(|e| e.to_string())?;
+        Ok(slots.splice(body, &crate::request::json::ModelLiteral::new(model)))
     }
 
     /// Substitutes (or inserts) the `model` field of a `multipart/form-data` body with the given
     /// boundary, as the layer does: `None` when the body is not well-formed multipart for it, or
     /// the model cannot be a form value.
     pub fn substitute_multipart(body: &Bytes, boundary: &str, model: &str) -> Option<Vec<Bytes>> {
-        crate::multipart::locate(body, boundary)?.splice(body, model)
+        crate::request::multipart::locate(body, boundary)?.splice(body, model)
     }
 
     /// The model a JSON body asks for (its first top-level `"model"`, when a string), as the
     /// layer reads it for the report; `None` for invalid JSON.
     pub fn requested_model(body: &[u8]) -> Option<String> {
-        let slots = crate::json::locate(body).ok()?;
-        crate::json::requested_model(body, &slots).map(|m| m.to_string())
+        let slots = crate::request::json::locate(body).ok()?;
+        crate::request::json::requested_model(body, &slots).map(|m| m.to_string())
     }
 
     /// The first `model` field of a `multipart/form-data` body, as the layer reads it.
     pub fn multipart_model(body: &[u8], boundary: &str) -> Option<String> {
-        crate::multipart::locate(body, boundary)?
+        crate::request::multipart::locate(body, boundary)?
             .requested_model(body)
             .map(|m| m.to_string())
     }

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::StatusCode;
+use serde::Serialize;
 
-use crate::catalog::Usage;
 use crate::policy::{Decision, ErrorKind};
 
 /// The history of one request, in the extensions of every response the layer hands back (and in
@@ -28,7 +28,8 @@ use crate::policy::{Decision, ErrorKind};
 pub struct FallbackReport {
     pub(crate) attempts: Vec<Attempt>,
     pub(crate) served: Option<usize>,
-    pub(crate) exhausted: bool,
+    /// The first target the request considered (tried, or skipped as cooling down).
+    pub(crate) first_choice: Option<usize>,
     pub(crate) requested_model: Option<Arc<str>>,
     pub(crate) skipped: Vec<Skip>,
     pub(crate) stop: Option<StopReason>,
@@ -55,14 +56,21 @@ impl FallbackReport {
         self.served.and_then(|i| self.attempts.get(i))
     }
 
-    /// Whether a target other than the first one tried produced the outcome.
+    /// Whether the request was served, or last failed, at a target other than the first it
+    /// considered (tried, or skipped as cooling down). Retries of the same target are not a
+    /// fallback. The stats' `fell_back` counts exactly these requests.
     pub fn fell_back(&self) -> bool {
-        self.attempts.len() > 1
+        let outcome = self.served_by().or(self.attempts.last());
+        match (self.first_choice, outcome) {
+            (Some(first), Some(attempt)) => attempt.target_index != first,
+            _ => false,
+        }
     }
 
     /// Whether every target was tried and failed; the response (or error) is the last failure.
+    /// The same as `stop_reason() == Some(StopReason::Exhausted)`.
     pub fn is_exhausted(&self) -> bool {
-        self.exhausted
+        self.stop == Some(StopReason::Exhausted)
     }
 
     /// Targets passed over because they were cooling down, in the order they were considered.
@@ -318,4 +326,15 @@ impl fmt::Display for AttemptOutcome {
             }
         }
     }
+}
+
+/// Token counts and estimated cost of one answer, from its `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Estimated cost in USD, when the served model is priced in the catalog.
+    pub cost_usd: Option<f64>,
 }

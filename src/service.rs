@@ -7,10 +7,11 @@ use http::{Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::{ReplayBody, ResponseBody};
 use crate::error::{BoxError, FallbackError};
 use crate::future::ResponseFuture;
 use crate::layer::Shared;
+use crate::request::ReplayBody;
+use crate::response::body::ResponseBody;
 
 /// The middleware built by [`FallbackLayer`](crate::FallbackLayer).
 ///

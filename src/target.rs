@@ -8,7 +8,7 @@ use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
 use crate::error::ConfigError;
-use crate::json::ModelLiteral;
+use crate::request::json::ModelLiteral;
 
 /// One place a request can be sent: a base URL, optionally a model ID written into the body, a
 /// credential that belongs to this target alone, extra headers and a display name.

@@ -1,6 +1,11 @@
 //! The caller's request, prepared once (headers cleaned, body located), and each attempt's request
 //! built from it for one target.
 
+pub(crate) mod collect;
+pub(crate) mod json;
+pub(crate) mod multipart;
+mod replay;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -8,11 +13,11 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{request, Extensions, Method, Request};
 
-use crate::body::ReplayBody;
 use crate::error::FallbackError;
-use crate::json::{self, ModelSlots};
-use crate::multipart::{self, ModelParts};
 use crate::target::Target;
+use json::ModelSlots;
+use multipart::ModelParts;
+pub use replay::ReplayBody;
 
 /// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
 pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
@@ -284,16 +289,8 @@ fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<BodyPlan, FallbackE
 /// `Some(true)` for `application/json` and `*/*+json`, `Some(false)` for other types, `None`
 /// when there is no content type.
 fn content_type_is_json(headers: &HeaderMap) -> Option<bool> {
-    let value = headers.get(header::CONTENT_TYPE)?;
-    let Ok(value) = value.to_str() else {
-        return Some(false);
-    };
-    let essence = value.split(';').next().unwrap_or("").trim().as_bytes();
-    let suffix = essence.len().checked_sub(5).map(|at| &essence[at..]);
-    Some(
-        essence.eq_ignore_ascii_case(b"application/json")
-            || suffix.is_some_and(|s| s.eq_ignore_ascii_case(b"+json")),
-    )
+    headers.get(header::CONTENT_TYPE)?;
+    Some(crate::media::essence(headers).is_some_and(crate::media::is_json))
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use tokio::sync::mpsc;
 use tower::retry::budget::{Budget, TpsBudget};
 
+use super::health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
 use crate::error::ConfigError;
-use crate::health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
 
 /// The longest cooldown written to Redis (ten years): longer ones are capped, so that an endless
 /// cooldown cannot overflow Redis's expiry arithmetic.

@@ -2,7 +2,7 @@
 //! trait ([`HealthStore`]) so that a store shared by several processes can be plugged in.
 
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -68,6 +68,94 @@ pub trait HealthStore: Send + Sync + 'static {
     /// shared between processes names the targets by their keys there. Does nothing by default.
     fn bind(&mut self, targets: &[TargetId<'_>]) {
         let _ = targets;
+    }
+}
+
+/// A health store bound to a layer's targets: what every attempt's [`Ticket`] reports to.
+pub(crate) struct Bound {
+    store: Box<dyn HealthStore>,
+    keys: Arc<[Box<str>]>,
+}
+
+impl Bound {
+    pub(crate) fn new(store: Box<dyn HealthStore>, keys: Arc<[Box<str>]>) -> Self {
+        Bound { store, keys }
+    }
+
+    fn id(&self, index: usize) -> Option<TargetId<'_>> {
+        let key = self.keys.get(index)?;
+        Some(TargetId { index, key })
+    }
+
+    /// How long target `index` still cools down, without side effects.
+    pub(crate) fn cooling_for(&self, index: usize) -> Duration {
+        self.id(index)
+            .map_or(Duration::ZERO, |id| self.store.cooling_for(id))
+    }
+
+    /// Asks whether target `index` may be tried now: its ticket, or how long it still cools.
+    pub(crate) fn admit(self: &Arc<Self>, index: usize) -> Result<Ticket, Duration> {
+        let admission = self
+            .id(index)
+            .map_or(Admission::Open, |id| self.store.admit(id));
+        match admission {
+            Admission::Open => Ok(self.ticket(index, true, false)),
+            Admission::Probe => Ok(self.ticket(index, true, true)),
+            Admission::Cooling(remaining) => Err(remaining),
+        }
+    }
+
+    /// A ticket for an attempt the store is not asked about (every target was cooling, or a
+    /// same-target retry after the wait the target asked for): its outcome is still told.
+    pub(crate) fn unadmitted(self: &Arc<Self>, index: usize) -> Ticket {
+        self.ticket(index, false, false)
+    }
+
+    fn ticket(self: &Arc<Self>, index: usize, admitted: bool, probe: bool) -> Ticket {
+        Ticket {
+            bound: self.clone(),
+            index,
+            admitted,
+            probe,
+            settled: false,
+        }
+    }
+}
+
+/// One attempt's standing with the health store. The store expects exactly one record for
+/// every admission: [`Ticket::record`] gives it the outcome, and a ticket dropped unrecorded
+/// (the attempt was cancelled, superseded, or never sent) gives the admission back as
+/// [`HealthOutcome::Neutral`], so a probe can never be leaked.
+pub(crate) struct Ticket {
+    bound: Arc<Bound>,
+    index: usize,
+    admitted: bool,
+    probe: bool,
+    settled: bool,
+}
+
+impl Ticket {
+    /// Tells the store what the attempt showed. Attempts the store did not admit count too,
+    /// but never as a probe, and a neutral outcome of theirs is not news.
+    pub(crate) fn record(mut self, outcome: HealthOutcome) {
+        self.settled = true;
+        if self.admitted || outcome != HealthOutcome::Neutral {
+            self.tell(outcome);
+        }
+    }
+
+    fn tell(&self, outcome: HealthOutcome) {
+        if let Some(id) = self.bound.id(self.index) {
+            self.bound.store.record(id, outcome, self.probe);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.settled && self.admitted {
+            self.tell(HealthOutcome::Neutral);
+        }
     }
 }
 
@@ -195,7 +283,7 @@ impl Cooldowns {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn extend_cooldown(&self, index: usize, left: Duration) {
         self.with(index, |s, now| {
-            let until = crate::future::later(now, left);
+            let until = Instant::from_std(super::later(now.into_std(), left));
             s.open_until = Some(s.open_until.map_or(until, |u| u.max(until)));
         });
     }
@@ -257,7 +345,7 @@ impl HealthStore for Cooldowns {
                 s.failures = s.failures.saturating_add(1);
                 let mut until = s.open_until;
                 let mut extend = |d: Duration| {
-                    let candidate = crate::future::later(now, d);
+                    let candidate = Instant::from_std(super::later(now.into_std(), d));
                     until = Some(until.map_or(candidate, |u| u.max(candidate)));
                 };
                 if let Some(d) = at_least {

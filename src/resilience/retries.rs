@@ -1,10 +1,9 @@
 //! Same-target retries: how many, how long to wait (exponential backoff with jitter, or what the
 //! upstream asked for in `retry-after-ms` / `retry-after`), and when to move on instead.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use backon::BackoffBuilder;
-use http::HeaderMap;
 
 /// Retries on the same target before moving on (default: none).
 ///
@@ -93,73 +92,9 @@ impl Retries {
     }
 }
 
-/// The wait an upstream asked for: `retry-after-ms` (milliseconds, as OpenAI sends), else
-/// `retry-after` (seconds, or an HTTP date).
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-    {
-        return Some(Duration::from_secs_f64((ms / 1000.0).min(1e9)));
-    }
-    let value = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds.min(1_000_000_000)));
-    }
-    let date = httpdate::parse_http_date(value).ok()?;
-    Some(
-        date.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| (http::HeaderName::from_static(k), v.parse().unwrap()))
-            .collect()
-    }
-
-    #[test]
-    fn reads_every_spelling_of_retry_after() {
-        assert_eq!(
-            retry_after(&headers(&[("retry-after-ms", "1500")])),
-            Some(Duration::from_millis(1500))
-        );
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", "7")])),
-            Some(Duration::from_secs(7))
-        );
-        let later = SystemTime::now() + Duration::from_secs(120);
-        let date = httpdate::fmt_http_date(later);
-        let wait = retry_after(&headers(&[("retry-after", &date)])).unwrap();
-        assert!(
-            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
-            "{wait:?}"
-        );
-        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(60));
-        assert_eq!(
-            retry_after(&headers(&[("retry-after", &past)])),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
-        assert_eq!(retry_after(&headers(&[("retry-after-ms", "-5")])), None);
-        assert_eq!(
-            retry_after(&headers(&[("retry-after-ms", "20"), ("retry-after", "9")])),
-            Some(Duration::from_millis(20)),
-            "the millisecond header wins"
-        );
-    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_jitter_stays_within_one_delay() {

@@ -1,6 +1,8 @@
 //! Classification: what to do after an attempt, as a value ([`Decision`]) computed from its
 //! [`Outcome`] by a [`Classify`] policy.
 
+pub(crate) mod hints;
+
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;

@@ -1,0 +1,170 @@
+//! The start of a response body, read before the layer decides on the response: an error body
+//! to classify it, or a success up to its commit point.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http::{response, Response};
+use http_body::{Body, Frame};
+
+use crate::error::BoxError;
+use crate::report::BodyCells;
+use crate::response::body::{Frames, ResponseBody};
+use crate::response::sse;
+use crate::response::usage::UsageMeter;
+
+/// How much of a success is held, at most, while waiting for its commit point (the first chunk,
+/// or the first complete event of a stream). Separate from the error-body limit: a layer that
+/// reads no error body still falls back when a success dies before its first byte.
+pub(crate) const COMMIT_READ_LIMIT: usize = 64 * 1024;
+
+/// Why a response's body is read before deciding.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Purpose {
+    /// An error status: read up to the error-body limit, then classify with the bytes read.
+    Classify,
+    /// A success: hold the head until the first chunk (or first complete SSE event).
+    Commit,
+}
+
+/// Why reading stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Stop {
+    /// Enough arrived to decide (or the body ended).
+    Enough,
+    /// The body failed.
+    Failed,
+    /// Its timer fired first.
+    TimedOut,
+}
+
+/// A response whose body is being read before it is decided on.
+pub(crate) struct Peek<R: Body> {
+    pub(crate) head: response::Parts,
+    body: R,
+    frames: Frames<R::Data>,
+    read: usize,
+    pub(crate) error: Option<BoxError>,
+    pub(crate) ended: bool,
+    /// A `text/event-stream`: its commit point is its first complete event.
+    pub(crate) event_stream: bool,
+    /// The head announced a body (a non-zero `content-length` or size hint).
+    announced: bool,
+}
+
+impl<R: Body> Peek<R> {
+    pub(crate) fn new(response: Response<R>) -> Self {
+        let (head, body) = response.into_parts();
+        let event_stream = crate::media::is(&head.headers, "text/event-stream");
+        let length = head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let announced = length.unwrap_or(0) > 0 || body.size_hint().lower() > 0;
+        Peek {
+            head,
+            body,
+            frames: Frames::default(),
+            read: 0,
+            error: None,
+            ended: false,
+            event_stream,
+            announced,
+        }
+    }
+
+    /// Whether the body has nothing to read (an empty success is handed back at once).
+    pub(crate) fn body_at_end(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    /// Whether the body ended, cleanly, before its commit point: a stream before its first
+    /// complete event, or an announced body before its first byte. Nothing can be handed back.
+    pub(crate) fn ended_early(&self) -> bool {
+        if !self.ended || self.error.is_some() {
+            return false;
+        }
+        if self.event_stream {
+            return sse::first_event(&self.contiguous()).is_none();
+        }
+        self.read == 0 && self.announced
+    }
+
+    /// Whether enough has been read to decide.
+    fn satisfied(&self, purpose: Purpose, limit: usize) -> bool {
+        if self.ended || self.error.is_some() || self.read >= limit {
+            return true;
+        }
+        match purpose {
+            Purpose::Classify => false,
+            Purpose::Commit if self.event_stream => sse::first_event(&self.contiguous()).is_some(),
+            Purpose::Commit => self.read > 0,
+        }
+    }
+
+    /// The bytes read so far, in one buffer (error paths and first chunks only).
+    pub(crate) fn contiguous(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for data in self.frames.iter().filter_map(Frame::data_ref) {
+            out.extend_from_slice(data.chunk());
+        }
+        out
+    }
+
+    /// Hands the response on: what was read comes first, then the rest of the body.
+    pub(crate) fn into_response(
+        self,
+        cells: Arc<BodyCells>,
+        meter: Option<Box<UsageMeter>>,
+    ) -> Response<ResponseBody<R>> {
+        let body = ResponseBody::with_buffered(
+            self.body,
+            self.frames,
+            self.error,
+            self.ended,
+            cells,
+            meter,
+        );
+        Response::from_parts(self.head, body)
+    }
+}
+
+impl<R> Peek<R>
+where
+    R: Body + Unpin,
+    R::Error: Into<BoxError>,
+{
+    /// Reads until enough is there to decide or the body fails or ends.
+    pub(crate) fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        purpose: Purpose,
+        limit: usize,
+    ) -> Poll<Stop> {
+        loop {
+            if self.satisfied(purpose, limit) {
+                return Poll::Ready(if self.error.is_some() {
+                    Stop::Failed
+                } else {
+                    Stop::Enough
+                });
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                    Some(data) if !data.has_remaining() => {}
+                    Some(data) => {
+                        self.read += data.remaining();
+                        self.frames.push_back(frame);
+                    }
+                    None => self.frames.push_back(frame),
+                },
+                Poll::Ready(Some(Err(e))) => self.error = Some(e.into()),
+                Poll::Ready(None) => self.ended = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

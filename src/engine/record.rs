@@ -1,0 +1,95 @@
+//! Recording a finished attempt: the report, the stats and the log line, all from one place.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::layer::Shared;
+use crate::policy::Decision;
+use crate::report::{Attempt, AttemptOutcome, FallbackReport};
+use crate::resilience::health::Ticket;
+use crate::resilience::stats::Tally;
+
+/// An attempt in flight, as the engine knows it.
+pub(crate) struct Flight {
+    pub(crate) id: u32,
+    pub(crate) index: usize,
+    /// Its standing with the health store; dropped unrecorded, it gives the admission back.
+    pub(crate) ticket: Option<Ticket>,
+    pub(crate) model: Option<Arc<str>>,
+    pub(crate) substituted: bool,
+    pub(crate) started: Instant,
+}
+
+/// Records `flight` with what came of it and what was decided.
+pub(crate) fn record(
+    shared: &Shared,
+    report: &mut FallbackReport,
+    flight: Flight,
+    outcome: AttemptOutcome,
+    decision: Decision,
+    now: Instant,
+) {
+    let name = shared
+        .targets
+        .get(flight.index)
+        .map(|t| t.name.clone())
+        .unwrap_or_else(|| Arc::from("?"));
+    let attempt = Attempt {
+        target: name,
+        target_index: flight.index,
+        model: flight.model,
+        substituted: flight.substituted,
+        outcome,
+        elapsed: now.saturating_duration_since(flight.started),
+        decision,
+    };
+    if shared.record_stats {
+        let tally = match (decision, &attempt.outcome) {
+            (_, AttemptOutcome::Superseded) => Tally::Superseded,
+            (Decision::RetrySame, _) => Tally::RetrySame,
+            (Decision::NextTarget, _) => Tally::NextTarget,
+            (Decision::Return, AttemptOutcome::Status(s)) if s.as_u16() < 400 => Tally::Success,
+            (Decision::Return, _) => Tally::NonRetryable,
+        };
+        let error = matches!(attempt.outcome, AttemptOutcome::Error { .. });
+        shared
+            .stats
+            .attempt(flight.index, tally, error, attempt.elapsed);
+    }
+    log(&attempt, report.attempts.len() + 1);
+    report.push(attempt);
+}
+
+fn log(attempt: &Attempt, number: usize) {
+    macro_rules! attempt_event {
+        ($level:expr, $message:literal) => {
+            tracing::event!(
+                target: "tower_model_fallback",
+                $level,
+                attempt = number,
+                target_name = %attempt.target,
+                model = attempt.model.as_deref().unwrap_or("-"),
+                outcome = %attempt.outcome,
+                elapsed_ms = attempt.elapsed.as_millis() as u64,
+                decision = %attempt.decision,
+                $message,
+            )
+        };
+    }
+    let failed = !matches!(&attempt.outcome, AttemptOutcome::Status(s) if s.as_u16() < 400);
+    match attempt.decision {
+        Decision::NextTarget => attempt_event!(
+            tracing::Level::WARN,
+            "attempt failed; falling back to the next target"
+        ),
+        Decision::RetrySame => attempt_event!(
+            tracing::Level::WARN,
+            "attempt failed; retrying the same target"
+        ),
+        Decision::Return if failed => attempt_event!(
+            tracing::Level::INFO,
+            "attempt failed; handed back without falling back"
+        ),
+        Decision::Return => attempt_event!(tracing::Level::DEBUG, "attempt succeeded"),
+    }
+}
