@@ -263,6 +263,27 @@ pub struct BudgetConfig {
     pub percent: f32,
 }
 
+impl BudgetConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1000..=60_000).contains(&self.ttl_ms) {
+            return Err(ConfigError::new(
+                "retry_budget.ttl_ms",
+                "must be between 1000 and 60000",
+            ));
+        }
+        if !(0.0..=1000.0).contains(&self.percent) {
+            return Err(ConfigError::new(
+                "retry_budget.percent",
+                "must be between 0.0 and 1000.0",
+            ));
+        }
+        if self.min_per_sec >= i32::MAX as u32 {
+            return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
+        }
+        Ok(())
+    }
+}
+
 /// The `health_store` section of a [`FallbackConfig`]: where shared state lives.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -465,6 +486,20 @@ impl FallbackConfig {
         if let Some(timeout) = self.attempt_timeout() {
             layer = layer.attempt_timeout(timeout);
         }
+        if let Some(d) = self.deadline_ms {
+            layer = layer.deadline(Duration::from_millis(d));
+        }
+        let layer = self.with_resilience(layer, &env)?;
+        let layer = self.with_catalog(layer)?;
+        self.with_classifier(layer)
+    }
+
+    /// Retries, cooldowns (in memory or shared), the retry budget and hedging.
+    fn with_resilience(
+        &self,
+        mut layer: FallbackLayer,
+        env: &impl Fn(&str) -> Option<String>,
+    ) -> Result<FallbackLayer, ConfigError> {
         let ms = Duration::from_millis;
         layer = layer.retries(
             Retries::new(self.retries_per_target)
@@ -482,7 +517,7 @@ impl FallbackConfig {
         let store = match &self.health_store {
             Some(store) => Some((
                 store
-                    .url(&env, self.allow_inline_keys)
+                    .url(env, self.allow_inline_keys)
                     .map_err(|e| e.within("health_store"))?,
                 store,
             )),
@@ -496,28 +531,11 @@ impl FallbackConfig {
             (None, None) => {}
         }
         if let Some(b) = &self.retry_budget {
-            if !(1000..=60_000).contains(&b.ttl_ms) {
-                return Err(ConfigError::new(
-                    "retry_budget.ttl_ms",
-                    "must be between 1000 and 60000",
-                ));
-            }
-            if !(0.0..=1000.0).contains(&b.percent) {
-                return Err(ConfigError::new(
-                    "retry_budget.percent",
-                    "must be between 0.0 and 1000.0",
-                ));
-            }
-            if b.min_per_sec >= i32::MAX as u32 {
-                return Err(ConfigError::new("retry_budget.min_per_sec", "is too large"));
-            }
+            b.validate()?;
             layer = match &store {
                 Some((url, config)) => shared_budget(layer, url, config, b)?,
                 None => layer.retry_budget(TpsBudget::new(ms(b.ttl_ms), b.min_per_sec, b.percent)),
             };
-        }
-        if let Some(d) = self.deadline_ms {
-            layer = layer.deadline(ms(d));
         }
         if let Some(h) = &self.hedge {
             if h.max_in_flight < 2 {
@@ -528,15 +546,25 @@ impl FallbackConfig {
             }
             layer = layer.hedge(Hedge::new(ms(h.delay_ms), h.max_in_flight));
         }
-        if let Some(path) = &self.models_file {
-            let catalog = ModelCatalog::from_file(path)
-                .map_err(|e| ConfigError::new("models_file", e.problem().to_owned()))?;
-            let guard = PriceGuard {
-                max_factor: self.max_price_factor,
-                refuse: self.refuse_pricier_fallbacks,
-            };
-            layer = layer.catalog(catalog, guard)?;
-        }
+        Ok(layer)
+    }
+
+    /// The priced models catalog and its guard on pricier fallbacks.
+    fn with_catalog(&self, layer: FallbackLayer) -> Result<FallbackLayer, ConfigError> {
+        let Some(path) = &self.models_file else {
+            return Ok(layer);
+        };
+        let catalog = ModelCatalog::from_file(path)
+            .map_err(|e| ConfigError::new("models_file", e.problem().to_owned()))?;
+        let guard = PriceGuard {
+            max_factor: self.max_price_factor,
+            refuse: self.refuse_pricier_fallbacks,
+        };
+        layer.catalog(catalog, guard)
+    }
+
+    /// The default classifier, with the status sets and opt-ins of the config.
+    fn with_classifier(&self, layer: FallbackLayer) -> Result<FallbackLayer, ConfigError> {
         let statuses = |field: &'static str, codes: &[u16]| {
             codes
                 .iter()
@@ -556,16 +584,16 @@ impl FallbackConfig {
             || self.fall_back_on_content_policy
             || !next_target_on.is_empty()
             || !return_on.is_empty();
-        if custom {
-            layer = layer.classifier(
-                DefaultClassifier::new()
-                    .next_target_on(next_target_on)
-                    .return_on(return_on)
-                    .fall_back_on_context_length(self.fall_back_on_context_length)
-                    .fall_back_on_content_policy(self.fall_back_on_content_policy),
-            );
+        if !custom {
+            return Ok(layer);
         }
-        Ok(layer)
+        Ok(layer.classifier(
+            DefaultClassifier::new()
+                .next_target_on(next_target_on)
+                .return_on(return_on)
+                .fall_back_on_context_length(self.fall_back_on_context_length)
+                .fall_back_on_content_policy(self.fall_back_on_content_policy),
+        ))
     }
 
     /// The per-attempt timeout, if one is set.

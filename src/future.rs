@@ -13,11 +13,11 @@ use tower_service::Service;
 use crate::attempt::{timer, Attempt};
 use crate::engine::{Engine, Step};
 use crate::error::{BoxError, FallbackError};
-use crate::layer::Shared;
 use crate::request::collect::Collector;
 use crate::request::{Prepared, ReplayBody};
 use crate::resilience::later;
 use crate::response::body::ResponseBody;
+use crate::settings::Shared;
 
 type Output<R> = Result<Response<ResponseBody<R>>, FallbackError>;
 

@@ -147,6 +147,7 @@ mod request;
 mod resilience;
 mod response;
 mod service;
+mod settings;
 mod target;
 
 pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing};
@@ -181,7 +182,7 @@ pub mod __private {
     /// whose model is `model`: the slices the layer would send.
     pub fn substitute(body: &Bytes, model: &str) -> Result<Vec<Bytes>, String> {
         let slots = crate::request::json::locate(body).map_err(|e| e.to_string())?;
-        Ok(slots.splice(body, &crate::request::json::ModelLiteral::new(model)))
+        Ok(slots.splice(body, &crate::target::ModelLiteral::new(model)))
     }
 
     /// Substitutes (or inserts) the `model` field of a `multipart/form-data` body with the given

@@ -9,9 +9,9 @@ use tower_service::Service;
 
 use crate::error::{BoxError, FallbackError};
 use crate::future::ResponseFuture;
-use crate::layer::Shared;
 use crate::request::ReplayBody;
 use crate::response::body::ResponseBody;
+use crate::settings::Shared;
 
 /// The middleware built by [`FallbackLayer`](crate::FallbackLayer).
 ///

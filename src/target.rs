@@ -8,7 +8,6 @@ use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
 use crate::error::ConfigError;
-use crate::request::json::ModelLiteral;
 
 /// One place a request can be sent: a base URL, optionally a model ID written into the body, a
 /// credential that belongs to this target alone, extra headers and a display name.
@@ -186,7 +185,7 @@ impl Target {
         value: impl AsRef<str>,
     ) -> Result<Self, ConfigError> {
         let name = parse_name(name.as_ref(), "header")?;
-        if crate::request::is_credential(&name) {
+        if is_credential(&name) {
             return Err(ConfigError::new(
                 "header",
                 format!("{name} carries a credential; use bearer() or api_key_header()"),
@@ -342,6 +341,70 @@ impl fmt::Debug for Target {
             )
             .finish()
     }
+}
+
+/// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
+pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    // A caller's session with the app is not the provider's business.
+    "cookie",
+];
+
+/// Whether `name` carries a credential (the caller's never crosses to a target).
+pub(crate) fn is_credential(name: &HeaderName) -> bool {
+    CREDENTIAL_HEADERS.contains(&name.as_str()) || *name == http::header::PROXY_AUTHORIZATION
+}
+
+/// The JSON string literal for a model ID and the member inserted when a body has none.
+#[derive(Clone)]
+pub(crate) struct ModelLiteral {
+    /// `"<escaped id>"`.
+    pub(crate) value: Bytes,
+    /// `"model":"<escaped id>",` — the trailing comma is sliced off for empty objects.
+    pub(crate) member: Bytes,
+}
+
+impl ModelLiteral {
+    pub(crate) fn new(model: &str) -> Self {
+        let value = escape_string(model);
+        let mut member = Vec::with_capacity(value.len() + 9);
+        member.extend_from_slice(b"\"model\":");
+        member.extend_from_slice(&value);
+        member.push(b',');
+        ModelLiteral {
+            value: Bytes::from(value),
+            member: Bytes::from(member),
+        }
+    }
+}
+
+/// A correctly escaped JSON string literal (with quotes) for `s`.
+pub(crate) fn escape_string(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    out.push(b'"');
+    for ch in s.chars() {
+        match ch {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            '\u{8}' => out.extend_from_slice(b"\\b"),
+            '\u{c}' => out.extend_from_slice(b"\\f"),
+            c if (c as u32) < 0x20 => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
+            }
+            c => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out.push(b'"');
+    out
 }
 
 #[cfg(test)]

@@ -561,3 +561,47 @@ async fn a_deadline_after_a_transport_error_is_a_deadline_error_carrying_that_er
         tower_model_fallback::ErrorKind::Closed
     );
 }
+
+// ---- the layer's own attempt timeout ---------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn the_attempt_timeout_bounds_each_head_and_moves_to_the_next_target() {
+    let client = Scripted::new(&[
+        ("primary", vec![Act::hang()]),
+        ("fallback", vec![Act::status(200).after(secs(1))]),
+    ]);
+    let layer = hosts(&["primary", "fallback"]).attempt_timeout(secs(3));
+    let start = Instant::now();
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!(status, 200);
+    assert_eq!(client.times("fallback", start), [secs(3)], "{report}");
+    match report.attempts()[0].outcome() {
+        AttemptOutcome::Error { kind, .. } => {
+            assert_eq!(*kind, tower_model_fallback::ErrorKind::Timeout)
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert_eq!(report.attempts()[0].elapsed(), secs(3));
+    assert_eq!(report.served_by().unwrap().target(), "fallback");
+}
+
+#[tokio::test(start_paused = true)]
+async fn attempt_timeout_ms_in_the_config_is_enforced_by_the_layer_it_builds() {
+    let config = tower_model_fallback::FallbackConfig::from_json(
+        br#"{"targets": [
+            {"name": "primary", "base_url": "http://primary/v1"},
+            {"name": "fallback", "base_url": "http://fallback/v1"}],
+            "attempt_timeout_ms": 1500}"#,
+    )
+    .unwrap();
+    let layer = config.layer().unwrap();
+    let client = Scripted::new(&[("primary", vec![Act::hang()])]);
+    let start = Instant::now();
+    let (status, report) = send(&layer, &client).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        client.times("fallback", start),
+        [Duration::from_millis(1500)]
+    );
+    assert_eq!(report.attempts().len(), 2);
+}

@@ -314,3 +314,126 @@ async fn the_first_byte_timeout_is_exact_on_a_paused_clock() {
     assert_eq!(body.unwrap(), "ok");
     assert_eq!(report.attempts()[0].elapsed(), Duration::from_secs(7));
 }
+
+// Regressions found while redesigning the engine: a success that ends, or dies, before its
+// commit point is a drop, whatever the error-body limit and however its type is spelled.
+
+#[tokio::test]
+async fn with_no_error_body_read_a_success_that_drops_before_its_first_byte_still_falls_back() {
+    let primary = RawUpstream::start(SSE_HEAD, Then::Close).await;
+    let fallback = streaming_fallback().await;
+    let layer = layer(primary.url(), fallback.url()).error_body_limit(0);
+    let response = stack(&layer)
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap();
+    let (report, body) = report_and_body(response).await;
+    assert!(body.unwrap().ends_with("data: [DONE]\n\n"));
+    assert_eq!((primary.count(), fallback.count()), (1, 1));
+    assert_eq!(report.served_by().unwrap().target(), "fallback");
+}
+
+/// A chunked SSE answer whose body ends cleanly (the terminating chunk) after `events`.
+async fn cleanly_ending_stream(events: &'static [u8]) -> RawUpstream {
+    RawUpstream::start(events, Then::Close).await
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_before_its_first_event_moves_on_like_a_drop() {
+    for (what, bytes) in [
+        (
+            "no event at all",
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "half an event",
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nb\r\ndata: {\"cho\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "a close-delimited stream with half an event",
+            &b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\ndata: {\"cho"[..],
+        ),
+    ] {
+        let primary = cleanly_ending_stream(bytes).await;
+        let fallback = streaming_fallback().await;
+        let response = stack(&layer(primary.url(), fallback.url()))
+            .oneshot(chat_request(STREAM_REQUEST))
+            .await
+            .unwrap();
+        let (report, body) = report_and_body(response).await;
+        assert!(body.unwrap().ends_with("data: [DONE]\n\n"), "{what}");
+        match report.attempts()[0].outcome() {
+            AttemptOutcome::BodyFailed { status, kind, .. } => {
+                assert_eq!((status.as_u16(), *kind), (200, ErrorKind::Closed), "{what}");
+            }
+            other => panic!("{what}: expected a drop before the first event, got {other:?}"),
+        }
+        assert_eq!(report.served_by().unwrap().target(), "fallback", "{what}");
+    }
+}
+
+#[tokio::test]
+async fn an_announced_answer_that_ends_before_its_first_byte_moves_on() {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = calls.clone();
+    let client = tower::service_fn(move |req: Request<ReplayBody>| {
+        let first = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        async move {
+            let _ = req;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            if first {
+                drop(tx); // the body ends at once, though 40 bytes were announced
+            } else {
+                tx.send(Ok(Bytes::from_static(b"{\"ok\":true}")))
+                    .await
+                    .unwrap();
+            }
+            Ok::<_, BoxError>(
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .header("content-length", if first { "40" } else { "11" })
+                    .body(ChannelBody(rx))
+                    .unwrap(),
+            )
+        }
+    });
+    let layer = layer("http://a.test".into(), "http://b.test".into());
+    let response = tower::Layer::layer(&layer, client)
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap();
+    let (report, body) = report_and_body(response).await;
+    assert_eq!(body.unwrap(), "{\"ok\":true}");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert!(matches!(
+        report.attempts()[0].outcome(),
+        AttemptOutcome::BodyFailed { .. }
+    ));
+}
+
+#[tokio::test]
+async fn media_types_are_compared_without_regard_to_case() {
+    let primary = RawUpstream::start(
+        b"HTTP/1.1 200 OK\r\nContent-Type: Text/Event-Stream; Charset=UTF-8\r\ntransfer-encoding: chunked\r\n\r\n3a\r\ndata: {\"error\":{\"message\":\"busy\",\"type\":\"server_error\"}}\n\n\r\n",
+        Then::Stall,
+    )
+    .await;
+    let fallback = streaming_fallback().await;
+    let response = stack(&layer(primary.url(), fallback.url()))
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap();
+    // The primary stalls after its error event: read as a success, the body would never end.
+    let (report, body) = tokio::time::timeout(Duration::from_secs(10), report_and_body(response))
+        .await
+        .expect("the stalled primary was handed back");
+    assert!(body.unwrap().ends_with("data: [DONE]\n\n"));
+    assert!(
+        matches!(
+            report.attempts()[0].outcome(),
+            AttemptOutcome::ErrorEvent { .. }
+        ),
+        "{report}"
+    );
+}

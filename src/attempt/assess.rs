@@ -8,10 +8,10 @@ use http_body::Body;
 
 use super::peek::{Peek, Purpose, Stop};
 use crate::error::{error_chain, BoxError};
-use crate::layer::Shared;
 use crate::policy::{hints, Decision, ErrorKind, Outcome};
 use crate::report::AttemptOutcome;
 use crate::response::sse;
+use crate::settings::Shared;
 
 /// An attempt's outcome, assessed: what happened, what the policy says, what there is to hand
 /// back, and what it asks of the next attempt.

@@ -21,7 +21,7 @@ pub(crate) use assess::{Answer, Assessed};
 use peek::{Peek, Purpose, Stop, COMMIT_READ_LIMIT};
 
 use crate::error::BoxError;
-use crate::layer::Shared;
+use crate::settings::Shared;
 
 /// How long an error body may take to arrive when no first-byte timeout is set.
 const ERROR_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);

@@ -33,7 +33,6 @@ use http_body::Body;
 use crate::attempt::peek::Peek;
 use crate::attempt::{Answer, Assessed};
 use crate::error::{BoxError, FallbackError};
-use crate::layer::Shared;
 use crate::policy::{Decision, ErrorKind};
 use crate::report::{AttemptOutcome, FallbackReport, StopReason};
 use crate::request::{Prepared, ReplayBody};
@@ -41,6 +40,7 @@ use crate::resilience::health::HealthOutcome;
 use crate::resilience::later;
 use crate::response::body::ResponseBody;
 use crate::response::usage::UsageMeter;
+use crate::settings::Shared;
 use order::{Chosen, Order};
 use record::{record, Flight};
 

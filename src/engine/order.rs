@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::layer::Shared;
 use crate::report::{FallbackReport, Skip};
 use crate::resilience::health::Ticket;
+use crate::settings::Shared;
 
 /// Where a request is in its order of targets.
 pub(crate) struct Order {

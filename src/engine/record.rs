@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::layer::Shared;
 use crate::policy::Decision;
 use crate::report::{Attempt, AttemptOutcome, FallbackReport};
 use crate::resilience::health::Ticket;
 use crate::resilience::stats::Tally;
+use crate::settings::Shared;
 
 /// An attempt in flight, as the engine knows it.
 pub(crate) struct Flight {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::target::ModelLiteral;
+
 /// Where the top-level `"model"` members of a JSON object body are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ModelSlots {
@@ -80,55 +82,6 @@ impl fmt::Display for JsonError {
 }
 
 impl std::error::Error for JsonError {}
-
-/// The JSON string literal for a model ID and the member inserted when a body has none.
-#[derive(Clone)]
-pub(crate) struct ModelLiteral {
-    /// `"<escaped id>"`.
-    pub(crate) value: Bytes,
-    /// `"model":"<escaped id>",` — the trailing comma is sliced off for empty objects.
-    pub(crate) member: Bytes,
-}
-
-impl ModelLiteral {
-    pub(crate) fn new(model: &str) -> Self {
-        let value = escape_string(model);
-        let mut member = Vec::with_capacity(value.len() + 9);
-        member.extend_from_slice(b"\"model\":");
-        member.extend_from_slice(&value);
-        member.push(b',');
-        ModelLiteral {
-            value: Bytes::from(value),
-            member: Bytes::from(member),
-        }
-    }
-}
-
-/// A correctly escaped JSON string literal (with quotes) for `s`.
-pub(crate) fn escape_string(s: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len() + 2);
-    out.push(b'"');
-    for ch in s.chars() {
-        match ch {
-            '"' => out.extend_from_slice(b"\\\""),
-            '\\' => out.extend_from_slice(b"\\\\"),
-            '\n' => out.extend_from_slice(b"\\n"),
-            '\r' => out.extend_from_slice(b"\\r"),
-            '\t' => out.extend_from_slice(b"\\t"),
-            '\u{8}' => out.extend_from_slice(b"\\b"),
-            '\u{c}' => out.extend_from_slice(b"\\f"),
-            c if (c as u32) < 0x20 => {
-                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes());
-            }
-            c => {
-                let mut buf = [0u8; 4];
-                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            }
-        }
-    }
-    out.push(b'"');
-    out
-}
 
 impl ModelSlots {
     /// The body for one target: slices of `body` around `model`'s literal, empty slices left out.

@@ -14,20 +14,10 @@ use http::uri::PathAndQuery;
 use http::{request, Extensions, Method, Request};
 
 use crate::error::FallbackError;
-use crate::target::Target;
+use crate::target::{Target, CREDENTIAL_HEADERS};
 use json::ModelSlots;
 use multipart::ModelParts;
 pub use replay::ReplayBody;
-
-/// Headers that carry a caller's credential: removed from every attempt unless the target opts in.
-pub(crate) const CREDENTIAL_HEADERS: [&str; 5] = [
-    "authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
-    // A caller's session with the app is not the provider's business.
-    "cookie",
-];
 
 /// Headers that belong to one hop (RFC 9110 §7.6.1). `host` and `content-length` are rewritten
 /// for every attempt instead (see [`Prepared::new`]).
@@ -42,10 +32,6 @@ static DROPPED_HEADERS: [HeaderName; 9] = [
     header::UPGRADE,
     header::EXPECT,
 ];
-
-pub(crate) fn is_credential(name: &HeaderName) -> bool {
-    CREDENTIAL_HEADERS.contains(&name.as_str()) || *name == header::PROXY_AUTHORIZATION
-}
 
 /// The credential header names for a set of targets: the well-known ones and every header a
 /// target sends its own key in, so a caller's value for any of them reaches no other target.
@@ -110,49 +96,7 @@ impl Prepared {
             BodyPlan::Unchanged => None,
         };
 
-        // Headers named by `connection` are hop-by-hop too.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        // One pass over the (few) headers present finds what to drop, rather than a hashed
-        // removal for each of the dozen names that could be there. The fixed names are marked
-        // in bit sets, so the usual request allocates nothing here.
-        let mut dropped_fixed = 0u32;
-        let mut dropped_credentials = 0u64;
-        let mut dropped_other: Vec<HeaderName> = Vec::new();
-        let mut caller_credentials = Vec::new();
-        for (name, value) in headers.iter() {
-            if let Some(i) = credentials.iter().position(|c| c == name) {
-                let mut value = value.clone();
-                value.set_sensitive(true);
-                caller_credentials.push((name.clone(), value));
-                if i < 64 {
-                    dropped_credentials |= 1 << i;
-                    continue;
-                }
-            } else if let Some(i) = DROPPED_HEADERS.iter().position(|d| d == name) {
-                dropped_fixed |= 1 << i;
-                continue;
-            } else if !named.contains(name) {
-                continue;
-            }
-            if !dropped_other.contains(name) {
-                dropped_other.push(name.clone());
-            }
-        }
-        let fixed = (0..DROPPED_HEADERS.len())
-            .filter(|i| dropped_fixed & (1 << i) != 0)
-            .map(|i| &DROPPED_HEADERS[i]);
-        let credential = (0..credentials.len().min(64))
-            .filter(|i| dropped_credentials & (1 << i) != 0)
-            .map(|i| &credentials[i]);
-        for name in fixed.chain(credential).chain(&dropped_other) {
-            headers.remove(name);
-        }
+        let caller_credentials = remove_hop_and_credentials(&mut headers, credentials);
         // Every attempt sets `host` (and `content-length`, when one is sent) to its own value.
         // Their entries stay in the head, so that each attempt's copy of it replaces them in place
         // rather than growing (a clone of a header map has no room to spare).
@@ -231,6 +175,58 @@ impl Prepared {
 }
 
 /// A `content-length` value in one allocation (`HeaderValue::from(usize)` takes two).
+/// Removes the hop-by-hop headers (with those named by `connection`) and the credential headers
+/// from the caller's `headers`; returns the credentials removed, marked sensitive.
+fn remove_hop_and_credentials(
+    headers: &mut HeaderMap,
+    credentials: &[HeaderName],
+) -> Vec<(HeaderName, HeaderValue)> {
+    // Headers named by `connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    // One pass over the (few) headers present finds what to drop, rather than a hashed
+    // removal for each of the dozen names that could be there. The fixed names are marked
+    // in bit sets, so the usual request allocates nothing here.
+    let mut dropped_fixed = 0u32;
+    let mut dropped_credentials = 0u64;
+    let mut dropped_other: Vec<HeaderName> = Vec::new();
+    let mut caller_credentials = Vec::new();
+    for (name, value) in headers.iter() {
+        if let Some(i) = credentials.iter().position(|c| c == name) {
+            let mut value = value.clone();
+            value.set_sensitive(true);
+            caller_credentials.push((name.clone(), value));
+            if i < 64 {
+                dropped_credentials |= 1 << i;
+                continue;
+            }
+        } else if let Some(i) = DROPPED_HEADERS.iter().position(|d| d == name) {
+            dropped_fixed |= 1 << i;
+            continue;
+        } else if !named.contains(name) {
+            continue;
+        }
+        if !dropped_other.contains(name) {
+            dropped_other.push(name.clone());
+        }
+    }
+    let fixed = (0..DROPPED_HEADERS.len())
+        .filter(|i| dropped_fixed & (1 << i) != 0)
+        .map(|i| &DROPPED_HEADERS[i]);
+    let credential = (0..credentials.len().min(64))
+        .filter(|i| dropped_credentials & (1 << i) != 0)
+        .map(|i| &credentials[i]);
+    for name in fixed.chain(credential).chain(&dropped_other) {
+        headers.remove(name);
+    }
+    caller_credentials
+}
+
 fn content_length(n: u64) -> HeaderValue {
     let mut digits = [0u8; 20];
     let mut at = digits.len();

@@ -426,24 +426,35 @@ impl HealthStore for RedisHealth {
     }
 }
 
+/// The Redis side of a health store: its keys and scripts.
+struct HealthKeys {
+    cool: Vec<String>,
+    fails: Vec<String>,
+    settings: crate::resilience::health::CooldownSettings,
+    failure: Script,
+    extend: Script,
+}
+
 async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
     let HealthTask { mut rx, link } = task;
-    let (cool_keys, fail_keys, settings) = match core.upgrade() {
-        Some(core) => (
-            core.keys
+    let keys = match core.upgrade() {
+        Some(core) => HealthKeys {
+            cool: core
+                .keys
                 .iter()
                 .map(|k| format!("{}:cool:{k}", link.prefix))
-                .collect::<Vec<_>>(),
-            core.keys
+                .collect(),
+            fails: core
+                .keys
                 .iter()
                 .map(|k| format!("{}:fails:{k}", link.prefix))
-                .collect::<Vec<_>>(),
-            core.local.settings(),
-        ),
+                .collect(),
+            settings: core.local.settings(),
+            failure: Script::new(FAILURE_SCRIPT),
+            extend: Script::new(EXTEND_SCRIPT),
+        },
         None => return,
     };
-    let failure = Script::new(FAILURE_SCRIPT);
-    let extend = Script::new(EXTEND_SCRIPT);
     let mut conn = Connection::new(link.clone(), "health store");
     let mut tick = tokio::time::interval(link.refresh);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -461,85 +472,90 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
             return;
         };
         let mut fresh = false;
-        let Some(c) = conn.get(&mut fresh).await else {
+        let result = match conn.get(&mut fresh).await {
+            Some(c) => sync_health(&core, &keys, c, &mut batch, fresh).await,
+            None => Err(None),
+        };
+        if let Err(e) = result {
             core.errors.fetch_add(1, Ordering::Relaxed);
+            // What the failed round did not get to.
             core.dropped
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             batch.clear();
-            continue;
-        };
-        let result: redis::RedisResult<()> = async {
-            if fresh {
-                // Back after an outage (or the first time): hand Redis what this process learnt
-                // meanwhile; the script never shortens a longer cooldown.
-                for (i, key) in cool_keys.iter().enumerate() {
-                    let left = core.local.cooling_for(TargetId {
-                        index: i,
-                        key: &core.keys[i],
-                    });
-                    if !left.is_zero() {
-                        extend
-                            .key(key)
-                            .arg(ttl_ms(left))
-                            .invoke_async::<i64>(c)
-                            .await?;
-                    }
-                }
-            }
-            for event in batch.drain(..) {
-                match event {
-                    HealthEvent::Failure {
-                        index,
-                        at_least,
-                        reopen,
-                    } => {
-                        let (Some(fails), Some(cool)) =
-                            (fail_keys.get(index), cool_keys.get(index))
-                        else {
-                            continue;
-                        };
-                        let left: u64 = failure
-                            .key(fails)
-                            .key(cool)
-                            .arg(ttl_ms(settings.window).max(1))
-                            .arg(settings.failures)
-                            .arg(ttl_ms(settings.cooldown))
-                            .arg(at_least.map_or(0, ttl_ms))
-                            .arg(u8::from(reopen))
-                            .invoke_async(c)
-                            .await?;
-                        apply(&core, index, left);
-                    }
-                    HealthEvent::Success { index } => {
-                        if let Some(fails) = fail_keys.get(index) {
-                            redis::cmd("DEL").arg(fails).query_async::<i64>(c).await?;
-                        }
-                    }
-                }
-            }
-            let mut pipe = redis::pipe();
-            for key in &cool_keys {
-                pipe.cmd("PTTL").arg(key);
-            }
-            let ttls: Vec<i64> = pipe.query_async(c).await?;
-            for (index, ttl) in ttls.into_iter().enumerate() {
-                apply(&core, index, u64::try_from(ttl).unwrap_or(0));
-            }
-            Ok(())
-        }
-        .await;
-        match result {
-            Ok(()) => {}
-            Err(e) => {
-                core.errors.fetch_add(1, Ordering::Relaxed);
-                // What the failed round did not get to.
-                core.dropped
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                batch.clear();
+            if let Some(e) = e {
                 conn.failed(&e);
             }
         }
     }
+}
+
+/// One round with Redis: the events of `batch`, then every target's shared cooldown read back.
+/// An error of `None` means there was no connection.
+async fn sync_health(
+    core: &HealthCore,
+    keys: &HealthKeys,
+    c: &mut MultiplexedConnection,
+    batch: &mut Vec<HealthEvent>,
+    fresh: bool,
+) -> Result<(), Option<redis::RedisError>> {
+    if fresh {
+        // Back after an outage (or the first time): hand Redis what this process learnt
+        // meanwhile; the script never shortens a longer cooldown.
+        for (i, key) in keys.cool.iter().enumerate() {
+            let left = core.local.cooling_for(TargetId {
+                index: i,
+                key: &core.keys[i],
+            });
+            if !left.is_zero() {
+                keys.extend
+                    .key(key)
+                    .arg(ttl_ms(left))
+                    .invoke_async::<i64>(c)
+                    .await?;
+            }
+        }
+    }
+    for event in batch.drain(..) {
+        match event {
+            HealthEvent::Failure {
+                index,
+                at_least,
+                reopen,
+            } => {
+                let (Some(fails), Some(cool)) = (keys.fails.get(index), keys.cool.get(index))
+                else {
+                    continue;
+                };
+                let settings = &keys.settings;
+                let left: u64 = keys
+                    .failure
+                    .key(fails)
+                    .key(cool)
+                    .arg(ttl_ms(settings.window).max(1))
+                    .arg(settings.failures)
+                    .arg(ttl_ms(settings.cooldown))
+                    .arg(at_least.map_or(0, ttl_ms))
+                    .arg(u8::from(reopen))
+                    .invoke_async(c)
+                    .await?;
+                apply(core, index, left);
+            }
+            HealthEvent::Success { index } => {
+                if let Some(fails) = keys.fails.get(index) {
+                    redis::cmd("DEL").arg(fails).query_async::<i64>(c).await?;
+                }
+            }
+        }
+    }
+    let mut pipe = redis::pipe();
+    for key in &keys.cool {
+        pipe.cmd("PTTL").arg(key);
+    }
+    let ttls: Vec<i64> = pipe.query_async(c).await?;
+    for (index, ttl) in ttls.into_iter().enumerate() {
+        apply(core, index, u64::try_from(ttl).unwrap_or(0));
+    }
+    Ok(())
 }
 
 /// Extends the local cooldown of target `index` to at least `left_ms` from now.
