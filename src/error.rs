@@ -45,6 +45,7 @@ enum Kind {
     BodyTooLarge { limit: usize },
     BodyUnreadable,
     InvalidJson { detail: String },
+    NotRewritable { encoding: String },
     Request,
     Upstream,
     Unready,
@@ -62,6 +63,11 @@ impl FallbackError {
 
     pub(crate) fn invalid_json(detail: String) -> Self {
         Self::new(Kind::InvalidJson { detail }, None)
+    }
+
+    /// Every target names a model and the body is compressed: none could be sent its own model.
+    pub(crate) fn not_rewritable(encoding: String, report: FallbackReport) -> Self {
+        Self::new(Kind::NotRewritable { encoding }, None).with_report(report)
     }
 
     pub(crate) fn request(source: BoxError) -> Self {
@@ -116,6 +122,14 @@ impl FallbackError {
     /// Nothing was sent because the request could not be rebuilt for a target.
     pub fn is_invalid_request(&self) -> bool {
         matches!(self.inner.kind, Kind::Request)
+    }
+
+    /// Nothing was sent because the body is compressed (`content-encoding`) and every target
+    /// names a model: none of them could be sent a body that carries its own model. Send the body
+    /// uncompressed, or decompress it in front of the layer (tower-http's
+    /// `RequestDecompressionLayer`).
+    pub fn is_body_not_rewritable(&self) -> bool {
+        matches!(self.inner.kind, Kind::NotRewritable { .. })
     }
 
     /// Attempts were made and the last one failed without a response (or the inner service
@@ -202,6 +216,12 @@ impl fmt::Display for FallbackError {
             Kind::InvalidJson { detail } => write!(
                 f,
                 "request body is not a valid JSON object ({detail}); nothing was sent"
+            ),
+            Kind::NotRewritable { encoding } => write!(
+                f,
+                "the request body is compressed ({encoding}) and every target names its own \
+                 model, which a compressed body cannot carry; nothing was sent (send it \
+                 uncompressed)"
             ),
             Kind::Request => self.with_source(f, "the request could not be rebuilt for a target"),
             Kind::Upstream if self.inner.report.attempts.is_empty() => {

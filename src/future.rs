@@ -11,15 +11,12 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::attempt::{timer, Attempt};
-use crate::engine::{Engine, Step};
+use crate::engine::{Engine, Output, Step};
 use crate::error::{BoxError, FallbackError};
 use crate::request::collect::Collector;
 use crate::request::{Prepared, ReplayBody};
 use crate::resilience::later;
-use crate::response::body::ResponseBody;
 use crate::settings::Shared;
-
-type Output<R> = Result<Response<ResponseBody<R>>, FallbackError>;
 
 pin_project_lite::pin_project! {
     /// The response future of [`Fallback`](crate::Fallback).
@@ -30,17 +27,16 @@ pin_project_lite::pin_project! {
         R: Body,
     {
         #[pin]
-        phase: Phase<B>,
+        phase: Phase<B, R>,
         inner: S,
         shared: Arc<Shared>,
-        engine: Option<Engine<R>>,
         // The attempt in flight, inline; further hedged attempts are boxed.
         #[pin]
         attempt: Option<Attempt<S::Future, R>>,
         racers: Vec<Pin<Box<Attempt<S::Future, R>>>>,
-        // The engine's timer: a backoff, or the next hedged attempt.
-        #[pin]
-        timer: Option<tokio::time::Sleep>,
+        // The engine's timer: a backoff, or the next hedged attempt (boxed: rarely needed, and
+        // the future is moved whole).
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
         // The engine asked for a call, made once the inner service is ready.
         calling: bool,
@@ -52,11 +48,11 @@ pin_project_lite::pin_project! {
 
 pin_project_lite::pin_project! {
     #[project = PhaseProj]
-    enum Phase<B> {
+    enum Phase<B, R: Body> {
         // Reading the caller's body.
         Collecting { #[pin] body: B, head: Option<request::Parts>, collector: Collector },
-        // The engine runs the request.
-        Running,
+        // The engine runs the request (in the space the body's reading used).
+        Running { engine: Engine<R> },
         // Failed before any attempt, or finished.
         Done { error: Option<FallbackError> },
     }
@@ -96,7 +92,6 @@ where
             phase,
             inner,
             shared,
-            engine: None,
             attempt: None,
             racers: Vec::new(),
             timer: None,
@@ -127,9 +122,12 @@ where
             let step = match this.phase.as_mut().project() {
                 PhaseProj::Collecting { .. } => match ready!(this.poll_collect(cx)) {
                     Ok(()) => Step::Call,
-                    Err(error) => Step::Done(Err(error)),
+                    Err(error) => {
+                        this.phase.set(Phase::Done { error: None });
+                        return Poll::Ready(Err(error));
+                    }
                 },
-                PhaseProj::Running => ready!(this.poll_step(cx)),
+                PhaseProj::Running { .. } => ready!(this.poll_step(cx)),
                 PhaseProj::Done { error } => {
                     return Poll::Ready(Err(error.take().unwrap_or_else(|| {
                         FallbackError::request("response future polled after completion".into())
@@ -188,20 +186,19 @@ where
             *self.deadline = Some(Box::pin(sleep));
             Some(later(now(), limit))
         });
-        *self.engine = Some(Engine::start(self.shared.clone(), prepared, deadline)?);
+        let engine = Engine::start(self.shared.clone(), prepared, deadline)?;
+        self.phase.set(Phase::Running { engine });
         // The caller polled our readiness, hence the inner service's: the first target is
         // called at once.
         *self.ready = true;
-        self.phase.set(Phase::Running);
         Poll::Ready(Ok(()))
     }
 
     /// Polls what is in flight (the deadline, the attempts, the timer, the inner service's
     /// readiness for a call); ready with the engine's answer to the first event.
-    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step<R>> {
-        let Some(engine) = self.engine.as_mut() else {
-            let error = FallbackError::request("polled after completion".into());
-            return Poll::Ready(Step::Done(Err(error)));
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Step> {
+        let PhaseProj::Running { engine } = self.phase.as_mut().project() else {
+            return Poll::Ready(Step::Done);
         };
         if self
             .deadline
@@ -215,8 +212,8 @@ where
             for attempt in attempts.chain(self.racers.iter_mut().map(Pin::as_mut)) {
                 let id = attempt.id();
                 if let Some(assessed) = attempt.conclude_now(engine.shared()) {
-                    if let step @ Step::Done(_) = engine.on_outcome(id, assessed, now()) {
-                        return Poll::Ready(step);
+                    if engine.on_outcome(id, assessed, now()) == Step::Done {
+                        return Poll::Ready(Step::Done);
                     }
                 }
             }
@@ -239,10 +236,9 @@ where
         if self
             .timer
             .as_mut()
-            .as_pin_mut()
-            .is_some_and(|t| t.poll(cx).is_ready())
+            .is_some_and(|t| t.as_mut().poll(cx).is_ready())
         {
-            self.timer.set(None);
+            *self.timer = None;
             return Poll::Ready(engine.on_timer(now()));
         }
         if !*self.calling {
@@ -270,23 +266,29 @@ where
     }
 
     /// Carries out a step; the output once the request is over.
-    fn apply(&mut self, step: Step<R>) -> Option<Output<R>> {
+    fn apply(&mut self, step: Step) -> Option<Output<R>> {
         match step {
             Step::Call => *self.calling = true,
             Step::Wait(wait) => match timer(wait) {
-                Some(sleep) => self.timer.set(Some(sleep)),
+                Some(sleep) => *self.timer = Some(Box::pin(sleep)),
                 // Without a runtime there is no timer: the backoff is not waited.
                 None => *self.calling = true,
             },
-            Step::Poll(Some(delay)) => self.timer.set(timer(delay)),
+            Step::Poll(Some(delay)) => *self.timer = timer(delay).map(Box::pin),
             Step::Poll(None) => {}
-            Step::Done(output) => {
+            Step::Done => {
+                let output = match self.phase.as_mut().project() {
+                    PhaseProj::Running { engine } => engine.take_output(),
+                    _ => None,
+                };
+                let output = output.unwrap_or_else(|| {
+                    Err(FallbackError::request("polled after completion".into()))
+                });
                 // Whatever is still in flight is cancelled now, not when the future is dropped.
                 self.attempt.set(None);
                 self.racers.clear();
-                self.timer.set(None);
+                *self.timer = None;
                 *self.deadline = None;
-                *self.engine = None;
                 self.phase.set(Phase::Done { error: None });
                 return Some(output);
             }

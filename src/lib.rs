@@ -63,7 +63,10 @@
 //! 3. The target's model replaces every top-level `"model"` value of a JSON object body (one is
 //!    inserted when there is none). Every other byte is sent as the caller wrote it; nested
 //!    `"model"` keys are never touched; nothing unchanged is copied. Bodies that are not a JSON
-//!    object (empty, other content types, compressed) are sent unchanged and the report says so.
+//!    object (empty, other content types) are sent unchanged and the report says so. A
+//!    compressed body cannot carry a target's model: targets that name one are skipped
+//!    ([`SkipReason::BodyNotRewritable`]), and with none left nothing is sent
+//!    ([`FallbackError::is_body_not_rewritable`]).
 //! 4. The policy ([`Classify`], default [`DefaultClassifier`]) decides after each attempt:
 //!    [`Decision::Return`] or [`Decision::NextTarget`].
 //! 5. The response is handed back with its body streaming through, and a [`FallbackReport`] in
@@ -122,7 +125,12 @@
 //!
 //! The layer is a plain tower citizen: `poll_ready` is the inner service's, every attempt after
 //! the first waits for readiness again, dropping the response future cancels the attempt in
-//! flight, and no task is spawned. Put a per-attempt `TimeoutLayer` inside it (its `Elapsed`
+//! flight, and the layer spawns no task per request (hedged attempts are polled by the response
+//! future itself). With the `redis` feature, a `RedisHealth` and a `RedisBudget` each spawn
+//! one background task, once, on the tokio runtime of the first request that uses them: it
+//! batches their writes to Redis and refreshes the shared state; it ends when the store is
+//! dropped. Put a per-attempt timeout on the layer ([`FallbackLayer::attempt_timeout`]) or a
+//! per-attempt `TimeoutLayer` inside it (its `Elapsed`
 //! moves to the next target) and a whole-request timeout outside. A tower `RetryLayer` inside it
 //! multiplies attempts: each target is then tried up to the retry policy's count before the
 //! fallback moves on.
@@ -160,7 +168,7 @@ pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES}
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
-pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, StopReason, Usage};
+pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, SkipReason, StopReason, Usage};
 pub use request::ReplayBody;
 pub use resilience::{
     Admission, Bucket, Cooldowns, HealthOutcome, HealthStore, Hedge, Retries, Stats, StatsSnapshot,

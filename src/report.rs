@@ -104,6 +104,21 @@ impl FallbackReport {
         self.cells.usage.get()
     }
 
+    /// Takes the report out, leaving an empty one that shares its cells (no allocation: the
+    /// report is taken once per request, when the response or error is built).
+    pub(crate) fn take(&mut self) -> FallbackReport {
+        let empty = FallbackReport {
+            attempts: Vec::new(),
+            served: None,
+            first_choice: None,
+            requested_model: None,
+            skipped: Vec::new(),
+            stop: None,
+            cells: self.cells.clone(),
+        };
+        std::mem::replace(self, empty)
+    }
+
     pub(crate) fn cells(&self) -> Arc<BodyCells> {
         self.cells.clone()
     }
@@ -137,12 +152,25 @@ impl fmt::Display for FallbackReport {
     }
 }
 
-/// A target passed over because it was cooling down.
+/// A target passed over without an attempt: it was cooling down, or it could not be sent this
+/// request's body with its own model in it.
 #[derive(Debug, Clone)]
 pub struct Skip {
     pub(crate) target: Arc<str>,
     pub(crate) target_index: usize,
     pub(crate) remaining: Duration,
+    pub(crate) reason: SkipReason,
+}
+
+/// Why a target was passed over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// It was cooling down ([`Skip::remaining`] says how much longer).
+    CoolingDown,
+    /// It names a model, and the body could not be rewritten to carry it (it is compressed):
+    /// it would have been sent the caller's model instead of its own.
+    BodyNotRewritable,
 }
 
 impl Skip {
@@ -156,19 +184,32 @@ impl Skip {
         self.target_index
     }
 
-    /// How long it was still to cool down (zero while another request probed it).
+    /// How long it was still to cool down (zero while another request probed it, and for a
+    /// target skipped for another reason).
     pub fn remaining(&self) -> Duration {
         self.remaining
+    }
+
+    /// Why it was passed over.
+    pub fn reason(&self) -> SkipReason {
+        self.reason
     }
 }
 
 impl fmt::Display for Skip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: cooling down for {:.1?} more",
-            self.target, self.remaining
-        )
+        match self.reason {
+            SkipReason::CoolingDown => write!(
+                f,
+                "{}: cooling down for {:.1?} more",
+                self.target, self.remaining
+            ),
+            SkipReason::BodyNotRewritable => write!(
+                f,
+                "{}: the compressed body cannot carry its model",
+                self.target
+            ),
+        }
     }
 }
 

@@ -202,3 +202,77 @@ async fn request_extensions_reach_the_inner_service() {
         vec![Some(TenantId(7)), Some(TenantId(7))]
     );
 }
+
+// Contract 9: a target that names a model never gets a body that still carries another one.
+
+/// Some bytes that stand for a gzip-compressed JSON body: the layer cannot look inside.
+const GZIPPED: &[u8] =
+    b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xabV\xca\xcdOI\xcdQ\xb2RJ,\xae\x06\x00";
+
+fn gzipped_request() -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(Full::new(Bytes::from_static(GZIPPED)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_compressed_body_skips_the_targets_with_a_model_of_their_own() {
+    let with_model = Upstream::chat("wrong").await;
+    let without_model = Upstream::chat("right").await;
+    let layer = FallbackLayer::new([
+        Target::new(with_model.url())
+            .unwrap()
+            .name("pinned")
+            .model("their-model"),
+        Target::new(without_model.url()).unwrap().name("as-sent"),
+    ])
+    .unwrap();
+    let response = stack(&layer).oneshot(gzipped_request()).await.unwrap();
+    let report = response
+        .extensions()
+        .get::<FallbackReport>()
+        .cloned()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        with_model.count(),
+        0,
+        "the pinned target is never sent the caller's model"
+    );
+    let seen = &without_model.requests()[0];
+    assert_eq!(
+        &seen.body[..],
+        GZIPPED,
+        "sent exactly as the caller wrote it"
+    );
+    assert_eq!(seen.header("content-encoding"), Some("gzip"));
+    let skip = &report.skipped()[0];
+    assert_eq!(
+        (skip.target(), skip.reason()),
+        (
+            "pinned",
+            tower_model_fallback::SkipReason::BodyNotRewritable
+        )
+    );
+    assert_eq!(report.served_by().unwrap().target(), "as-sent");
+    assert!(report.fell_back(), "served past its first choice");
+}
+
+#[tokio::test]
+async fn a_compressed_body_no_target_can_take_is_an_error_and_nothing_is_sent() {
+    let a = Upstream::chat("a").await;
+    let b = Upstream::chat("b").await;
+    let layer = FallbackLayer::new([
+        Target::new(a.url()).unwrap().name("a").model("model-a"),
+        Target::new(b.url()).unwrap().name("b").model("model-b"),
+    ])
+    .unwrap();
+    let error = stack(&layer).oneshot(gzipped_request()).await.unwrap_err();
+    assert!(error.is_body_not_rewritable(), "{error}");
+    assert!(error.is_nothing_sent());
+    assert!(error.to_string().contains("gzip"), "{error}");
+    assert_eq!(error.report().skipped().len(), 2);
+    assert_eq!((a.count(), b.count()), (0, 0));
+}

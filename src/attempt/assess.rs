@@ -145,6 +145,8 @@ pub(crate) fn body<R: Body>(
 }
 
 /// A success read up to its commit point: handed back, unless a stream opens with an error.
+// Inlined: the response is moved into place once rather than through each call.
+#[inline(always)]
 fn committed<R: Body>(peek: Peek<R>, shared: &Shared) -> Assessed<R> {
     let status = peek.head.status;
     let event = if peek.event_stream {
@@ -184,6 +186,7 @@ fn committed<R: Body>(peek: Peek<R>, shared: &Shared) -> Assessed<R> {
 }
 
 /// A response decided on, with the hints a retryable failure gives.
+#[inline(always)]
 fn response_assessed<R: Body>(
     peek: Peek<R>,
     outcome: AttemptOutcome,

@@ -62,6 +62,7 @@ where
     R::Error: Into<BoxError>,
 {
     /// An attempt whose call returned `future`; `id` is the engine's name for it.
+    #[inline(always)] // built where it is kept, not moved there
     pub(crate) fn new(id: u32, future: F, shared: &Shared) -> Self {
         Attempt {
             id,

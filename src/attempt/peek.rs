@@ -50,20 +50,12 @@ pub(crate) struct Peek<R: Body> {
     pub(crate) ended: bool,
     /// A `text/event-stream`: its commit point is its first complete event.
     pub(crate) event_stream: bool,
-    /// The head announced a body (a non-zero `content-length` or size hint).
-    announced: bool,
 }
 
 impl<R: Body> Peek<R> {
     pub(crate) fn new(response: Response<R>) -> Self {
         let (head, body) = response.into_parts();
         let event_stream = crate::media::is(&head.headers, "text/event-stream");
-        let length = head
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let announced = length.unwrap_or(0) > 0 || body.size_hint().lower() > 0;
         Peek {
             head,
             body,
@@ -72,7 +64,6 @@ impl<R: Body> Peek<R> {
             error: None,
             ended: false,
             event_stream,
-            announced,
         }
     }
 
@@ -90,7 +81,14 @@ impl<R: Body> Peek<R> {
         if self.event_stream {
             return sse::first_event(&self.contiguous()).is_none();
         }
-        self.read == 0 && self.announced
+        // Looked up only on this rare path: the head announced a body that never came.
+        let announced = self
+            .head
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        self.read == 0 && announced.unwrap_or(0) > 0
     }
 
     /// Whether enough has been read to decide.
@@ -115,6 +113,7 @@ impl<R: Body> Peek<R> {
     }
 
     /// Hands the response on: what was read comes first, then the rest of the body.
+    #[inline(always)]
     pub(crate) fn into_response(
         self,
         cells: Arc<BodyCells>,

@@ -34,7 +34,7 @@ use crate::attempt::peek::Peek;
 use crate::attempt::{Answer, Assessed};
 use crate::error::{BoxError, FallbackError};
 use crate::policy::{Decision, ErrorKind};
-use crate::report::{AttemptOutcome, FallbackReport, StopReason};
+use crate::report::{AttemptOutcome, FallbackReport, SkipReason, StopReason};
 use crate::request::{Prepared, ReplayBody};
 use crate::resilience::health::HealthOutcome;
 use crate::resilience::later;
@@ -44,10 +44,10 @@ use crate::settings::Shared;
 use order::{Chosen, Order};
 use record::{record, Flight};
 
-/// What the response future does next.
-// A response is moved a handful of times per request; boxing it would cost an allocation.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Step<R: Body> {
+/// What the response future does next. Small and `Copy`: the request's outcome stays in the
+/// engine until [`Engine::take_output`], rather than being moved through every step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
     /// Call the chosen target once the inner service is ready ([`Engine::launch`]).
     Call,
     /// Wait this long, then call the chosen target (a same-target retry's backoff).
@@ -55,9 +55,12 @@ pub(crate) enum Step<R: Body> {
     /// Poll the attempts in flight; with a delay, tell [`Engine::on_timer`] when it passes (the
     /// next hedged attempt).
     Poll(Option<Duration>),
-    /// The request is over.
-    Done(Result<Response<ResponseBody<R>>, FallbackError>),
+    /// The request is over: its output is in [`Engine::take_output`].
+    Done,
 }
+
+/// What a request produces.
+pub(crate) type Output<R> = Result<Response<ResponseBody<R>>, FallbackError>;
 
 /// The request built for the chosen target, and the engine's name for its attempt.
 pub(crate) struct Launch {
@@ -73,6 +76,14 @@ pub(crate) struct Launch {
 enum Last<R: Body> {
     Response(Peek<R>, usize),
     Failed(BoxError),
+}
+
+/// What the engine holds for the end of the request.
+#[allow(clippy::large_enum_variant)]
+enum Held<R: Body> {
+    Nothing,
+    Last(Last<R>),
+    Output(Output<R>),
 }
 
 /// What a request ends with.
@@ -100,7 +111,9 @@ pub(crate) struct Engine<R: Body> {
     next: Option<Next>,
     /// The attempts in flight (one at most, unless hedging). The first is kept inline.
     flights: Flights,
-    last: Option<Last<R>>,
+    /// The last failure while the request runs, its output once it has ended: one slot, as
+    /// the two never exist together.
+    held: Held<R>,
     /// Retries made on the current target, and its backoff delays.
     retries_here: u32,
     backoff: Option<backon::ExponentialBackoff>,
@@ -122,6 +135,7 @@ impl<R: Body> Engine<R> {
     /// A request whose body was read and prepared: counts it, makes its budget deposit, and
     /// chooses its first target. `deadline` is when the overall deadline passes, if the future
     /// can time it.
+    #[inline(always)] // built in its place in the future, not moved there
     pub(crate) fn start(
         shared: Arc<Shared>,
         prepared: Prepared,
@@ -138,12 +152,20 @@ impl<R: Body> Engine<R> {
             budget.deposit();
         }
         let mut order = Order::new(&shared);
-        let mut chosen = order.choose(&shared, &mut report);
+        let mut chosen = order.choose(&shared, &prepared, &mut report);
         if chosen.is_none() {
             order.force_by_recovery(&mut report);
-            chosen = order.choose(&shared, &mut report);
+            chosen = order.choose(&shared, &prepared, &mut report);
         }
         let Some(chosen) = chosen else {
+            if report
+                .skipped
+                .iter()
+                .any(|s| s.reason == SkipReason::BodyNotRewritable)
+            {
+                let encoding = prepared.encoding().to_owned();
+                return Err(FallbackError::not_rewritable(encoding, report));
+            }
             return Err(FallbackError::request("no target could be chosen".into()));
         };
         Ok(Engine {
@@ -156,7 +178,7 @@ impl<R: Body> Engine<R> {
                 charged: false,
             }),
             flights: Flights::default(),
-            last: None,
+            held: Held::Nothing,
             retries_here: 0,
             backoff: None,
             deadline,
@@ -164,6 +186,17 @@ impl<R: Body> Engine<R> {
             hedge_timer: false,
             ids: 0,
         })
+    }
+
+    /// The request's outcome, after a [`Step::Done`].
+    pub(crate) fn take_output(&mut self) -> Option<Output<R>> {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Output(output) => Some(output),
+            other => {
+                self.held = other;
+                None
+            }
+        }
     }
 
     /// The layer's settings.
@@ -181,8 +214,7 @@ impl<R: Body> Engine<R> {
 
     /// The inner service is ready: the request for the chosen target, or the step to take when
     /// it cannot be sent (the retry budget refused it, or the request cannot be built).
-    #[allow(clippy::result_large_err)] // the step is the request's end, built once
-    pub(crate) fn launch(&mut self, now: Instant) -> Result<Launch, Step<R>> {
+    pub(crate) fn launch(&mut self, now: Instant) -> Result<Launch, Step> {
         let Some(next) = self.next.take() else {
             let error = FallbackError::request("no target left to call".into());
             return Err(self.end(Ending::Local(error), None, now));
@@ -201,7 +233,7 @@ impl<R: Body> Engine<R> {
             Ok(plan) => plan,
             Err(error) => return Err(self.end(Ending::Local(error), None, now)),
         };
-        self.last = None;
+        self.held = Held::Nothing;
         self.report.first_choice.get_or_insert(index);
         let id = self.ids;
         self.ids = self.ids.wrapping_add(1);
@@ -223,7 +255,7 @@ impl<R: Body> Engine<R> {
     }
 
     /// Attempt `id` has an assessed outcome: hand it back, or go on.
-    pub(crate) fn on_outcome(&mut self, id: u32, assessed: Assessed<R>, now: Instant) -> Step<R> {
+    pub(crate) fn on_outcome(&mut self, id: u32, assessed: Assessed<R>, now: Instant) -> Step {
         let Some(mut flight) = self.flights.remove(id) else {
             return Step::Poll(None);
         };
@@ -252,7 +284,7 @@ impl<R: Body> Engine<R> {
         }
         let (decision, plan) = self.plan(index, assessed.decision, assessed.retry_after, now);
         self.record(flight, assessed.outcome, decision, now);
-        self.last = Some(match assessed.answer {
+        self.held = Held::Last(match assessed.answer {
             Answer::Response(peek) => Last::Response(peek, self.report.attempts.len() - 1),
             Answer::Failed(error) => Last::Failed(error),
         });
@@ -268,7 +300,7 @@ impl<R: Body> Engine<R> {
 
     /// The timer of the last [`Step`] fired: a backoff ends in the call it delayed; a hedge
     /// timer starts the next attempt when there is room for one.
-    pub(crate) fn on_timer(&mut self, now: Instant) -> Step<R> {
+    pub(crate) fn on_timer(&mut self, now: Instant) -> Step {
         if !self.hedge_timer {
             return Step::Call;
         }
@@ -276,7 +308,10 @@ impl<R: Body> Engine<R> {
             return Step::Poll(None);
         }
         if self.next.is_none() {
-            match self.order.choose(&self.shared, &mut self.report) {
+            match self
+                .order
+                .choose(&self.shared, &self.prepared, &mut self.report)
+            {
                 Some(chosen) => {
                     let charged = true;
                     self.next = Some(Next { chosen, charged });
@@ -293,9 +328,9 @@ impl<R: Body> Engine<R> {
 
     /// The inner service failed while getting ready for the next attempt: the last failure is
     /// the outcome, or this error when there is none.
-    pub(crate) fn on_unready(&mut self, error: BoxError, now: Instant) -> Step<R> {
+    pub(crate) fn on_unready(&mut self, error: BoxError, now: Instant) -> Step {
         self.next = None;
-        if self.flights.is_empty() && self.last.is_none() {
+        if self.flights.is_empty() && !matches!(self.held, Held::Last(_)) {
             return self.end(Ending::Unready(error), Some(StopReason::Unready), now);
         }
         self.stop(StopReason::Unready, now)
@@ -304,7 +339,7 @@ impl<R: Body> Engine<R> {
     /// The overall deadline passed: the attempts still waiting for a head are cancelled, and
     /// the last failure is the outcome. (The future first lets attempts that were reading a
     /// body decide on what they had, through [`Engine::on_outcome`].)
-    pub(crate) fn on_deadline(&mut self, now: Instant) -> Step<R> {
+    pub(crate) fn on_deadline(&mut self, now: Instant) -> Step {
         self.end_with_last(StopReason::Deadline, now)
     }
 
@@ -326,7 +361,10 @@ impl<R: Body> Engine<R> {
             }
         }
         if self.next.is_none() {
-            let Some(chosen) = self.order.choose(&self.shared, &mut self.report) else {
+            let Some(chosen) = self
+                .order
+                .choose(&self.shared, &self.prepared, &mut self.report)
+            else {
                 return (Decision::NextTarget, Plan::Stop(StopReason::Exhausted));
             };
             self.next = Some(Next {
@@ -374,7 +412,7 @@ impl<R: Body> Engine<R> {
 
     /// No further attempt may start: the request ends with its last failure once no attempt is
     /// left in flight.
-    fn stop(&mut self, reason: StopReason, now: Instant) -> Step<R> {
+    fn stop(&mut self, reason: StopReason, now: Instant) -> Step {
         self.next = None;
         if self.flights.is_empty() {
             return self.end_with_last(reason, now);
@@ -383,21 +421,21 @@ impl<R: Body> Engine<R> {
         Step::Poll(None)
     }
 
-    fn end_with_last(&mut self, reason: StopReason, now: Instant) -> Step<R> {
-        let ending = match self.last.take() {
-            Some(Last::Response(peek, index)) => Ending::Answer(peek, index),
-            Some(Last::Failed(error)) => Ending::Failed(error),
-            None => Ending::Nothing,
+    fn end_with_last(&mut self, reason: StopReason, now: Instant) -> Step {
+        let ending = match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Last(Last::Response(peek, index)) => Ending::Answer(peek, index),
+            Held::Last(Last::Failed(error)) => Ending::Failed(error),
+            Held::Nothing | Held::Output(_) => Ending::Nothing,
         };
         self.end(ending, Some(reason), now)
     }
 
     /// The one way a request ends: the attempts still in flight are recorded as dropped (their
     /// admissions given back), the stop reason is set, and the response or error is built.
-    fn end(&mut self, ending: Ending<R>, reason: Option<StopReason>, now: Instant) -> Step<R> {
+    fn end(&mut self, ending: Ending<R>, reason: Option<StopReason>, now: Instant) -> Step {
         self.abandon(reason, now);
         self.next = None;
-        self.last = None;
+        self.held = Held::Nothing;
         self.report.stop = reason;
         if let Ending::Answer(_, served) = &ending {
             self.report.served = Some(*served);
@@ -406,12 +444,15 @@ impl<R: Body> Engine<R> {
             self.shared.stats.fell_back();
         }
         let ending = match ending {
-            Ending::Answer(peek, served) => return Step::Done(Ok(self.hand_back(peek, served))),
+            Ending::Answer(peek, served) => {
+                self.held = Held::Output(Ok(self.hand_back(peek, served)));
+                return Step::Done;
+            }
             other => other,
         };
-        let report = std::mem::take(&mut self.report);
+        let report = self.report.take();
         let deadline = reason == Some(StopReason::Deadline);
-        Step::Done(Err(match ending {
+        self.held = Held::Output(Err(match ending {
             Ending::Failed(error) if deadline => FallbackError::deadline(Some(error), report),
             Ending::Failed(error) => FallbackError::upstream(error, report),
             Ending::Unready(error) => FallbackError::unready(error, report),
@@ -420,7 +461,8 @@ impl<R: Body> Engine<R> {
             Ending::Nothing | Ending::Answer(..) => {
                 FallbackError::upstream("no attempt could be made".into(), report)
             }
-        }))
+        }));
+        Step::Done
     }
 
     /// Records the attempts still in flight as dropped: superseded, or cancelled by the
@@ -460,12 +502,11 @@ impl<R: Body> Engine<R> {
     }
 
     /// Hands a response back with the report; `served` is its attempt's place in the report.
+    #[inline(always)]
     fn hand_back(&mut self, peek: Peek<R>, served: usize) -> Response<ResponseBody<R>> {
         let meter = self.usage_meter(&peek, served);
         let mut response = peek.into_response(self.report.cells(), meter);
-        response
-            .extensions_mut()
-            .insert(std::mem::take(&mut self.report));
+        response.extensions_mut().insert(self.report.take());
         response
     }
 

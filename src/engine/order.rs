@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::report::{FallbackReport, Skip};
+use crate::request::Prepared;
 use crate::resilience::health::Ticket;
 use crate::settings::Shared;
 
@@ -60,10 +61,18 @@ impl Order {
     pub(crate) fn choose(
         &mut self,
         shared: &Arc<Shared>,
+        prepared: &Prepared,
         report: &mut FallbackReport,
     ) -> Option<Chosen> {
         while let Some(index) = self.at(self.cursor, shared.targets.len()) {
             self.cursor += 1;
+            if !shared.targets.get(index).is_some_and(|t| prepared.fits(t)) {
+                let recorded = report.skipped.iter().any(|s| s.target_index == index);
+                if !recorded {
+                    skip(shared, report, index, SkipReason::BodyNotRewritable);
+                }
+                continue;
+            }
             let Some(health) = &shared.health else {
                 return Some(Chosen {
                     index,
@@ -79,7 +88,7 @@ impl Order {
                     let ticket = Some(ticket);
                     return Some(Chosen { index, ticket });
                 }
-                Err(remaining) => skip(shared, report, index, remaining),
+                Err(remaining) => skip(shared, report, index, SkipReason::CoolingDown(remaining)),
             }
         }
         None
@@ -88,10 +97,14 @@ impl Order {
     /// Every target turned out to be cooling (or probed by another request) while choosing the
     /// first: the same rule as in [`Order::new`], on what the skips said.
     pub(crate) fn force_by_recovery(&mut self, report: &mut FallbackReport) {
-        let mut cooling: Vec<(Duration, usize)> = std::mem::take(&mut report.skipped)
-            .into_iter()
-            .map(|s| (s.remaining, s.target_index))
-            .collect();
+        let mut cooling: Vec<(Duration, usize)> = Vec::new();
+        report.skipped.retain(|s| {
+            let cooling_down = s.reason == crate::report::SkipReason::CoolingDown;
+            if cooling_down {
+                cooling.push((s.remaining, s.target_index));
+            }
+            !cooling_down
+        });
         cooling.sort();
         self.order = Some(cooling.into_iter().map(|(_, i)| i).collect());
         self.cursor = 0;
@@ -99,21 +112,42 @@ impl Order {
     }
 }
 
-fn skip(shared: &Shared, report: &mut FallbackReport, index: usize, remaining: Duration) {
+/// Why a target is passed over, with what the report says of it.
+enum SkipReason {
+    CoolingDown(Duration),
+    BodyNotRewritable,
+}
+
+fn skip(shared: &Shared, report: &mut FallbackReport, index: usize, why: SkipReason) {
     let target = shared.targets.get(index).map(|t| t.name.clone());
-    tracing::debug!(
-        target: "tower_model_fallback",
-        target_name = target.as_deref().unwrap_or("?"),
-        remaining_ms = remaining.as_millis() as u64,
-        "skipping a target that is cooling down",
-    );
-    if shared.record_stats {
-        shared.stats.skip(index);
-    }
+    let name = target.as_deref().unwrap_or("?");
+    let (remaining, reason) = match why {
+        SkipReason::CoolingDown(remaining) => {
+            tracing::debug!(
+                target: "tower_model_fallback",
+                target_name = name,
+                remaining_ms = remaining.as_millis() as u64,
+                "skipping a target that is cooling down",
+            );
+            if shared.record_stats {
+                shared.stats.skip(index);
+            }
+            (remaining, crate::report::SkipReason::CoolingDown)
+        }
+        SkipReason::BodyNotRewritable => {
+            tracing::debug!(
+                target: "tower_model_fallback",
+                target_name = name,
+                "skipping a target with its own model: the compressed body cannot carry it",
+            );
+            (Duration::ZERO, crate::report::SkipReason::BodyNotRewritable)
+        }
+    };
     report.first_choice.get_or_insert(index);
     report.skipped.push(Skip {
         target: target.unwrap_or_else(|| Arc::from("?")),
         target_index: index,
         remaining,
+        reason,
     });
 }

@@ -75,16 +75,22 @@ fn launch(engine: &mut Engine<Body>, now: Instant) -> (u32, String) {
     (launch.id, host)
 }
 
-fn done(step: Step<Body>) -> Result<Response<ResponseBody<Body>>, FallbackError> {
-    match step {
-        Step::Done(output) => output,
-        Step::Call => panic!("expected the end, got Call"),
-        Step::Wait(d) => panic!("expected the end, got Wait({d:?})"),
-        Step::Poll(d) => panic!("expected the end, got Poll({d:?})"),
-    }
+/// The request's output after `step`, which must have ended it.
+fn finish(engine: &mut Engine<Body>, step: Step) -> Output<Body> {
+    assert_eq!(step, Step::Done, "expected the end");
+    engine
+        .take_output()
+        .expect("an ended request has an output")
 }
 
-fn report_of(output: &Result<Response<ResponseBody<Body>>, FallbackError>) -> &FallbackReport {
+macro_rules! done {
+    ($engine:ident, $step:expr) => {{
+        let step = $step;
+        finish(&mut $engine, step)
+    }};
+}
+
+fn report_of(output: &Output<Body>) -> &FallbackReport {
     match output {
         Ok(response) => response.extensions().get::<FallbackReport>().unwrap(),
         Err(error) => error.report(),
@@ -106,7 +112,10 @@ fn a_success_on_the_first_target_is_handed_back_with_its_report() {
     let t0 = Instant::now();
     let (id, host) = launch(&mut engine, t0);
     assert_eq!(host, "a.test");
-    let output = done(engine.on_outcome(id, response(200, Decision::Return), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), t0)
+    );
     let report = report_of(&output);
     assert_eq!(output.as_ref().unwrap().status(), 200);
     assert_eq!(trail(report), [("a", Decision::Return)]);
@@ -126,7 +135,10 @@ fn a_retryable_failure_moves_to_the_next_target_and_counts_as_a_fallback() {
     assert!(matches!(step, Step::Call));
     let (id, host) = launch(&mut engine, t0);
     assert_eq!(host, "b.test");
-    let output = done(engine.on_outcome(id, response(200, Decision::Return), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), t0)
+    );
     let report = report_of(&output);
     assert_eq!(
         trail(report),
@@ -145,7 +157,7 @@ fn when_every_target_fails_the_last_response_is_handed_back_as_exhausted() {
         let (id, _) = launch(&mut engine, t0);
         let step = engine.on_outcome(id, response(status, Decision::NextTarget), t0);
         if status == 429 {
-            let output = done(step);
+            let output = done!(engine, step);
             let report = report_of(&output);
             assert_eq!(output.as_ref().unwrap().status(), 429);
             assert!(report.is_exhausted());
@@ -164,7 +176,10 @@ fn a_caller_error_is_handed_back_at_once() {
     let mut engine = engine(&layer, None);
     let t0 = Instant::now();
     let (id, _) = launch(&mut engine, t0);
-    let output = done(engine.on_outcome(id, response(400, Decision::Return), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(400, Decision::Return), t0)
+    );
     assert_eq!(output.as_ref().unwrap().status(), 400);
     assert_eq!(trail(report_of(&output)), [("a", Decision::Return)]);
 }
@@ -197,7 +212,7 @@ fn a_retry_whose_wait_would_pass_the_deadline_ends_the_request_instead() {
     let (id, _) = launch(&mut engine, t0);
     let mut limited = response(429, Decision::RetrySame);
     limited.retry_after = Some(Duration::from_secs(10));
-    let output = done(engine.on_outcome(id, limited, t0));
+    let output = done!(engine, engine.on_outcome(id, limited, t0));
     let report = report_of(&output);
     assert_eq!(output.as_ref().unwrap().status(), 429);
     assert_eq!(report.stop_reason(), Some(StopReason::Deadline));
@@ -211,7 +226,10 @@ fn past_the_deadline_a_failure_is_the_outcome_and_nothing_new_starts() {
     let mut engine = engine(&layer, Some(t0 + Duration::from_secs(1)));
     let (id, _) = launch(&mut engine, t0);
     let late = t0 + Duration::from_secs(2);
-    let output = done(engine.on_outcome(id, error(ErrorKind::Connect, Decision::RetrySame), late));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, error(ErrorKind::Connect, Decision::RetrySame), late)
+    );
     let error = output.unwrap_err();
     assert!(error.is_deadline(), "{error}");
     assert_eq!(error.report().attempts().len(), 1);
@@ -223,7 +241,7 @@ fn the_deadline_cancels_the_attempt_in_flight() {
     let t0 = Instant::now();
     let mut engine = engine(&layer, Some(t0 + Duration::from_secs(1)));
     launch(&mut engine, t0);
-    let error = done(engine.on_deadline(t0 + Duration::from_secs(1))).unwrap_err();
+    let error = done!(engine, engine.on_deadline(t0 + Duration::from_secs(1))).unwrap_err();
     assert!(error.is_deadline());
     let attempt = &error.report().attempts()[0];
     assert!(matches!(
@@ -257,7 +275,7 @@ fn a_spent_budget_stops_before_the_fallback_is_sent() {
     let Err(step) = engine.launch(t0) else {
         panic!("the budget should refuse the fallback");
     };
-    let output = done(step);
+    let output = done!(engine, step);
     let report = report_of(&output);
     assert_eq!(output.as_ref().unwrap().status(), 503);
     assert_eq!(report.stop_reason(), Some(StopReason::RetryBudget));
@@ -268,7 +286,7 @@ fn a_spent_budget_stops_before_the_fallback_is_sent() {
 fn an_inner_service_that_fails_to_get_ready_ends_with_its_error() {
     let layer = layer(&["a"]);
     let mut engine = engine(&layer, None);
-    let error = done(engine.on_unready("broken".into(), Instant::now())).unwrap_err();
+    let error = done!(engine, engine.on_unready("broken".into(), Instant::now())).unwrap_err();
     assert!(error.to_string().contains("broken"), "{error}");
     assert_eq!(error.report().stop_reason(), Some(StopReason::Unready));
 }
@@ -288,7 +306,10 @@ fn a_hedge_starts_the_next_target_on_its_timer_and_the_winner_supersedes_the_res
     assert_eq!(host, "b.test");
     // No room for a third: the timer does nothing.
     assert!(matches!(engine.on_timer(t1), Step::Poll(None)));
-    let output = done(engine.on_outcome(second, response(200, Decision::Return), t1));
+    let output = done!(
+        engine,
+        engine.on_outcome(second, response(200, Decision::Return), t1)
+    );
     let report = report_of(&output);
     let outcomes: Vec<_> = report
         .attempts()
@@ -316,7 +337,10 @@ fn a_hedged_failure_waits_for_the_attempts_still_in_flight_before_ending() {
     // a fails while b runs: no target is left, but b may still answer.
     let step = engine.on_outcome(first, response(503, Decision::NextTarget), t0);
     assert!(matches!(step, Step::Poll(None)));
-    let output = done(engine.on_outcome(second, error(ErrorKind::Closed, Decision::RetrySame), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(second, error(ErrorKind::Closed, Decision::RetrySame), t0)
+    );
     let error = output.unwrap_err();
     assert_eq!(error.report().stop_reason(), Some(StopReason::Exhausted));
     assert_eq!(error.report().attempts().len(), 2);
@@ -353,7 +377,11 @@ fn every_admission_is_recorded_once_even_when_its_attempt_is_dropped() {
     limited.cooldown = Some(Duration::from_secs(30));
     // a fails: c is chosen (admitted) but never sent, since b answers first.
     assert!(matches!(engine.on_outcome(first, limited, t0), Step::Call));
-    done(engine.on_outcome(b, response(200, Decision::Return), t0)).unwrap();
+    done!(
+        engine,
+        engine.on_outcome(b, response(200, Decision::Return), t0)
+    )
+    .unwrap();
     drop(engine);
     let cooldown = Some(Duration::from_secs(30));
     assert_eq!(
@@ -386,7 +414,10 @@ fn a_request_that_starts_past_a_cooling_target_counts_as_a_fallback() {
     let t0 = Instant::now();
     let (id, host) = launch(&mut engine, t0);
     assert_eq!(host, "b.test");
-    let output = done(engine.on_outcome(id, response(200, Decision::Return), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), t0)
+    );
     let report = report_of(&output);
     assert_eq!(report.skipped()[0].target(), "a");
     assert!(report.fell_back(), "served past its first choice");
@@ -403,7 +434,10 @@ fn retries_of_the_same_target_are_not_a_fallback() {
     assert!(matches!(step, Step::Wait(_)));
     assert!(matches!(engine.on_timer(t0), Step::Call));
     let (id, _) = launch(&mut engine, t0);
-    let output = done(engine.on_outcome(id, response(200, Decision::Return), t0));
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), t0)
+    );
     let report = report_of(&output);
     assert_eq!(report.attempts().len(), 2);
     assert!(!report.fell_back());

@@ -70,6 +70,20 @@ pub(crate) struct AttemptPlan {
 }
 
 impl Prepared {
+    /// Whether `target` can be sent this body with its own model in it: not when the body is
+    /// compressed and the target names a model (it would get the caller's model instead).
+    pub(crate) fn fits(&self, target: &Target) -> bool {
+        !(matches!(self.plan, BodyPlan::Encoded) && target.model.is_some())
+    }
+
+    /// The body's `content-encoding`, as the caller sent it.
+    pub(crate) fn encoding(&self) -> &str {
+        self.headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("unknown")
+    }
+
     /// Cleans the head and locates the model in the body. Invalid JSON under a JSON content type
     /// is an error; other bodies are sent unchanged.
     /// `credentials` are the header names treated as credentials: the well-known ones and every
@@ -93,7 +107,7 @@ impl Prepared {
         let requested_model = match &plan {
             BodyPlan::Json(slots) => json::requested_model(&body, slots),
             BodyPlan::Multipart(parts) => parts.requested_model(&body),
-            BodyPlan::Unchanged => None,
+            BodyPlan::Unchanged | BodyPlan::Encoded => None,
         };
 
         let caller_credentials = remove_hop_and_credentials(&mut headers, credentials);
@@ -248,6 +262,8 @@ enum BodyPlan {
     Json(ModelSlots),
     /// `multipart/form-data`: its `model` fields.
     Multipart(ModelParts),
+    /// Compressed (`content-encoding`): its model cannot be seen or replaced.
+    Encoded,
     /// Anything else (empty, other types, compressed, malformed multipart): sent as it is.
     Unchanged,
 }
@@ -261,18 +277,18 @@ fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<BodyPlan, FallbackE
         .get(header::CONTENT_ENCODING)
         .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     if encoded {
-        return Ok(BodyPlan::Unchanged);
+        return Ok(BodyPlan::Encoded);
     }
-    if let Some(boundary) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(multipart::boundary)
-    {
-        return Ok(
-            multipart::locate(body, &boundary).map_or(BodyPlan::Unchanged, BodyPlan::Multipart)
-        );
+    let essence = crate::media::essence(headers);
+    if essence.is_some_and(|e| e.eq_ignore_ascii_case(b"multipart/form-data")) {
+        let boundary = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(multipart::boundary);
+        let parts = boundary.and_then(|b| multipart::locate(body, &b));
+        return Ok(parts.map_or(BodyPlan::Unchanged, BodyPlan::Multipart));
     }
-    match content_type_is_json(headers) {
+    match essence.map(crate::media::is_json) {
         Some(true) => json::locate(body)
             .map(BodyPlan::Json)
             .map_err(|e| FallbackError::invalid_json(e.to_string())),
@@ -284,10 +300,6 @@ fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<BodyPlan, FallbackE
 
 /// `Some(true)` for `application/json` and `*/*+json`, `Some(false)` for other types, `None`
 /// when there is no content type.
-fn content_type_is_json(headers: &HeaderMap) -> Option<bool> {
-    headers.get(header::CONTENT_TYPE)?;
-    Some(crate::media::essence(headers).is_some_and(crate::media::is_json))
-}
 
 #[cfg(test)]
 mod tests {
@@ -304,6 +316,11 @@ mod tests {
             Bytes::from_static(body.as_bytes()),
             &credential_names(&targets),
         )
+    }
+
+    /// How `locate_model` tells a JSON body: by the essence of its content type.
+    fn content_type_is_json(headers: &HeaderMap) -> Option<bool> {
+        crate::media::essence(headers).map(crate::media::is_json)
     }
 
     #[test]
