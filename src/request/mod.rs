@@ -298,9 +298,6 @@ fn locate_model(headers: &HeaderMap, body: &Bytes) -> Result<BodyPlan, FallbackE
     }
 }
 
-/// `Some(true)` for `application/json` and `*/*+json`, `Some(false)` for other types, `None`
-/// when there is no content type.
-
 #[cfg(test)]
 mod tests {
     use super::*;
