@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::{response, Response};
-use http_body::{Body, Frame};
+use http_body::Body;
 
 use crate::error::BoxError;
 use crate::report::BodyCells;
@@ -106,7 +106,7 @@ impl<R: Body> Peek<R> {
     /// The bytes read so far, in one buffer (error paths and first chunks only).
     pub(crate) fn contiguous(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        for data in self.frames.iter().filter_map(Frame::data_ref) {
+        for data in self.frames.data() {
             out.extend_from_slice(data.chunk());
         }
         out

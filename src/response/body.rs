@@ -13,10 +13,11 @@ use crate::error::BoxError;
 use crate::report::BodyCells;
 use crate::response::usage::UsageMeter;
 
-/// Frames read ahead of the caller, in order. The first is kept inline: the usual read-ahead is
-/// one chunk, and it then costs no allocation.
+/// Frames read ahead of the caller, in order. A first data chunk is kept inline: the usual
+/// read-ahead is one chunk, and it then costs no allocation. (Only its data: a frame can hold
+/// trailers, and the response that carries this is moved several times.)
 pub(crate) struct Frames<D> {
-    first: Option<Frame<D>>,
+    first: Option<D>,
     rest: VecDeque<Frame<D>>,
 }
 
@@ -32,14 +33,20 @@ impl<D> Default for Frames<D> {
 impl<D> Frames<D> {
     pub(crate) fn push_back(&mut self, frame: Frame<D>) {
         if self.first.is_none() && self.rest.is_empty() {
-            self.first = Some(frame);
+            match frame.into_data() {
+                Ok(data) => self.first = Some(data),
+                Err(frame) => self.rest.push_back(frame),
+            }
         } else {
             self.rest.push_back(frame);
         }
     }
 
     pub(crate) fn pop_front(&mut self) -> Option<Frame<D>> {
-        self.first.take().or_else(|| self.rest.pop_front())
+        match self.first.take() {
+            Some(data) => Some(Frame::data(data)),
+            None => self.rest.pop_front(),
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -50,8 +57,11 @@ impl<D> Frames<D> {
         self.first.is_none() && self.rest.is_empty()
     }
 
-    pub(crate) fn iter(&self) -> impl Iterator<Item = &Frame<D>> {
-        self.first.iter().chain(self.rest.iter())
+    /// The data read ahead, in order.
+    pub(crate) fn data(&self) -> impl Iterator<Item = &D> {
+        self.first
+            .iter()
+            .chain(self.rest.iter().filter_map(Frame::data_ref))
     }
 }
 
@@ -165,11 +175,7 @@ where
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered: u64 = self
-            .buffered
-            .iter()
-            .filter_map(|f| f.data_ref().map(|d| d.remaining() as u64))
-            .sum();
+        let buffered: u64 = self.buffered.data().map(|d| d.remaining() as u64).sum();
         if self.inner_done {
             return SizeHint::with_exact(buffered);
         }
