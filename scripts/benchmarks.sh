@@ -35,11 +35,11 @@ echo '```'
 ./scripts/gateway-instructions.sh
 echo '```'
 echo
-echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5), 5 runs"
+echo "## Load on loopback (cargo run --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5), 5 runs"
 echo '```'
-cargo run -q --release --example loadbench -- throughput 32 5
+cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5
 for _ in 2 3 4 5; do
-  cargo run -q --release --example loadbench -- throughput 32 5 | grep '^('
+  cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5 | grep '^('
 done
 echo '```'
 echo
@@ -51,12 +51,12 @@ if command -v redis-server >/dev/null; then
   echo '```'
 fi
 echo
-echo "## Memory (cargo run --release --example loadbench -- memory 200)"
+echo "## Memory (cargo run --release -p tower-model-fallback-gateway --example loadbench -- memory 200)"
 echo '```'
-cargo run -q --release --example loadbench -- memory 200
+cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- memory 200
 echo '```'
 echo
-echo "## Time to first chunk (cargo run --release --example stream_latency)"
+echo "## Time to first chunk (cargo run --release -p tower-model-fallback-gateway --example stream_latency)"
 echo '```'
-cargo run -q --release --example stream_latency
+cargo run -q --release -p tower-model-fallback-gateway --example stream_latency
 echo '```'

@@ -1,30 +1,24 @@
 //! Load on loopback: the gateway against a plain reverse proxy, and peak memory with large bodies.
 //!
-//! `cargo run --release --example loadbench -- throughput [connections] [seconds]` starts
+//! `cargo run --release -p tower-model-fallback-gateway --example loadbench -- throughput [connections] [seconds]` starts
 //! upstreams on 127.0.0.1 (one answering a fixed chat completion, one answering 503) and drives,
 //! for `seconds` each, over `connections` keep-alive connections:
-//!   (a) a plain hyper/axum reverse proxy with no fallback (the baseline);
+//!   (a) a plain hyper reverse proxy with no fallback (the baseline);
 //!   (b) the gateway, primary healthy;
 //!   (c) the gateway, primary answering 503, served by the fallback;
 //!   (d) the same with cooldowns on (the primary is skipped after 3 failures).
 //! It prints requests/s, p50, p99 and p99.9, and each one's throughput against (a).
 //!
-//! `cargo run --release --example loadbench -- memory [requests]` sends `requests` (default 200)
+//! `cargo run --release -p tower-model-fallback-gateway --example loadbench -- memory [requests]` sends `requests` (default 200)
 //! concurrent 1 MiB bodies through the layer over 3 targets (the first two answer 503) and prints
 //! the peak resident memory against the idle baseline.
 //!
 //! Everything runs in this one process on this machine's cores, so figures compare within a run.
 
-#[path = "gateway/app.rs"]
-mod app;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -32,6 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
+use tower_model_fallback_gateway::{serve, Gateway, GatewayConfig};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -89,55 +84,66 @@ async fn upstream(status: u16, body: &'static [u8]) -> Result<SocketAddr, BoxErr
     Ok(addr)
 }
 
-/// The baseline: the same axum server forwarding to one upstream with a plain hyper client.
+/// The baseline: a hyper server forwarding to one upstream with a plain hyper client.
 async fn plain_proxy(upstream: SocketAddr) -> Result<SocketAddr, BoxError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, axum::body::Body> =
+    let client: Client<HttpConnector, Incoming> =
         Client::builder(TokioExecutor::new()).build(connector);
-    let state = Arc::new((client, upstream));
-    async fn forward(
-        State(state): State<Arc<(Client<HttpConnector, axum::body::Body>, SocketAddr)>>,
-        request: Request,
-    ) -> Response {
-        let (client, upstream) = &*state;
-        let (mut head, body) = request.into_parts();
-        let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
-        head.uri = match format!("http://{upstream}/v1{path}").parse() {
-            Ok(uri) => uri,
-            Err(_) => return http::StatusCode::BAD_REQUEST.into_response(),
-        };
-        head.headers.remove(http::header::HOST);
-        match client.request(http::Request::from_parts(head, body)).await {
-            Ok(response) => response.map(axum::body::Body::new).into_response(),
-            Err(_) => http::StatusCode::BAD_GATEWAY.into_response(),
-        }
-    }
-    let router =
-        axum::Router::new().nest_service("/v1", axum::routing::any(forward).with_state(state));
-    serve(router).await
-}
-
-async fn serve(router: axum::Router) -> Result<SocketAddr, BoxError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(app::serve(listener, router, std::future::pending()));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let client = client.clone();
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let client = client.clone();
+                async move {
+                    let (mut head, body) = request.into_parts();
+                    let path = head.uri.path_and_query().map_or("/", |p| p.as_str());
+                    let path = path.strip_prefix("/v1").unwrap_or(path);
+                    head.uri = format!("http://{upstream}/v1{path}").parse()?;
+                    head.headers.remove(http::header::HOST);
+                    let response = client
+                        .request(http::Request::from_parts(head, body))
+                        .await?;
+                    Ok::<_, BoxError>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
     Ok(addr)
 }
 
-/// The gateway over `targets`, with cooldowns when asked.
+/// The gateway over `targets` on 127.0.0.1 (cooldowns on, its default, unless `cooldowns` is
+/// false); returns its address.
 async fn gateway(targets: [SocketAddr; 2], cooldowns: bool) -> Result<SocketAddr, BoxError> {
-    let cooldown = if cooldowns { r#", "cooldown": {}"# } else { "" };
+    let cooldown = if cooldowns {
+        ""
+    } else {
+        r#", "cooldown": "off""#
+    };
     let json = format!(
         r#"{{"targets": [{{"name": "primary", "base_url": "http://{}/v1", "model": "gpt-4o-mini"}},
                          {{"name": "fallback", "base_url": "http://{}/v1", "model": "gpt-4o-mini"}}],
              "attempt_timeout_ms": 30000{cooldown}}}"#,
         targets[0], targets[1]
     );
-    let config = app::parse_config(json.as_bytes())?;
-    let layer = config.fallback.layer()?;
-    let stack = app::stack(&layer, config.fallback.attempt_timeout());
-    serve(app::router(stack, layer.stats())).await
+    let config = GatewayConfig::from_json(json.as_bytes())?;
+    let gateway = Gateway::new(&config, |_| None)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(serve::serve(
+        listener,
+        gateway,
+        (&config).into(),
+        std::future::pending(),
+    ));
+    Ok(addr)
 }
 
 struct Figures {
