@@ -5,9 +5,18 @@
 //! for `seconds` each, over `connections` keep-alive connections:
 //!   (a) a plain hyper reverse proxy with no fallback (the baseline);
 //!   (b) the gateway, primary healthy;
-//!   (c) the gateway, primary answering 503, served by the fallback;
-//!   (d) the same with cooldowns on (the primary is skipped after 3 failures).
+//!   (c) the gateway, primary answering 503, served by the fallback, cooldowns off;
+//!   (d) the same with the default config, cooldowns on (the primary is skipped after 3
+//!       failures).
 //! It prints requests/s, p50, p99 and p99.9, and each one's throughput against (a).
+//!
+//! `cargo run --release -p tower-model-fallback-gateway --example loadbench -- nginx [seconds] [rounds]`
+//! compares the gateway with nginx as a plain reverse proxy on the same upstreams, all driven by
+//! `wrk -t1 -c32` (both must be installed: Debian's `nginx` and `wrk`): nginx in front of the
+//! healthy upstream, the gateway with the primary healthy, and the gateway with a failing primary
+//! under the default config, in interleaved rounds (default 5 of 5 s each, so that a neighbour's
+//! load falls on every scenario alike). It prints each one's median requests/s and the gateway's
+//! ratios to nginx.
 //!
 //! `cargo run --release -p tower-model-fallback-gateway --example loadbench -- memory [requests]` sends `requests` (default 200)
 //! concurrent 1 MiB bodies through the layer over 3 targets (the first two answer 503) and prints
@@ -43,7 +52,12 @@ async fn main() -> Result<(), BoxError> {
             let seconds = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
             throughput(connections, Duration::from_secs(seconds)).await
         }
-        Some(other) => Err(format!("unknown mode {other}; use throughput or memory").into()),
+        Some("nginx") => {
+            let seconds = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(5);
+            let rounds = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(5);
+            nginx(Duration::from_secs(seconds), rounds).await
+        }
+        Some(other) => Err(format!("unknown mode {other}; use throughput, memory or nginx").into()),
     }
 }
 
@@ -389,5 +403,155 @@ async fn memory(requests: usize) -> Result<(), BoxError> {
         peak as f64 / (bodies + idle) as f64,
         limit / 1024.0
     );
+    Ok(())
+}
+
+/// nginx as a plain reverse proxy to `upstream`, with upstream keep-alive and no access log, as
+/// a child process (stopped with the returned guard); its address.
+fn start_nginx(
+    upstream: SocketAddr,
+    dir: &std::path::Path,
+) -> Result<(Child, SocketAddr), BoxError> {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+           fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+           upstream mock {{ server {upstream}; keepalive 64; }}\n\
+           server {{\n    listen {listen};\n    location /v1/ {{\n      proxy_pass http://mock;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = std::process::Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let child = Child(child);
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return Ok((child, listen));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err("nginx did not start listening".into())
+}
+
+/// A child process, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        // SIGTERM, so that nginx's master stops its workers too (SIGKILL would orphan them).
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// `wrk -t1 -c32` POSTing the chat body to `addr` for `duration`: requests/s, and the count of
+/// non-2xx answers and socket errors.
+async fn wrk(
+    addr: SocketAddr,
+    duration: Duration,
+    dir: &std::path::Path,
+) -> Result<(f64, String), BoxError> {
+    let script = dir.join("post.lua");
+    let body = String::from_utf8_lossy(CHAT).replace('\'', "\\'");
+    std::fs::write(
+        &script,
+        format!("wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"),
+    )?;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let seconds = format!("{}s", duration.as_secs());
+    let script = script.display().to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("wrk")
+            .args(["-t1", "-c32", "-d", &seconds, "-s", &script, &url])
+            .output()
+    })
+    .await??;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("no Requests/sec in wrk's output: {text}"))?;
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect();
+    Ok((rps, problems.join("; ")))
+}
+
+async fn nginx(duration: Duration, rounds: usize) -> Result<(), BoxError> {
+    let dir = std::env::temp_dir().join(format!("loadbench-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let ok = upstream(200, ANSWER).await?;
+    let down = upstream(
+        503,
+        br#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+    )
+    .await?;
+    let (_nginx, nginx_addr) = start_nginx(ok, &dir)?;
+    let scenarios = [
+        ("nginx, plain reverse proxy", nginx_addr),
+        ("gateway, primary healthy", gateway([ok, down], true).await?),
+        (
+            "gateway, primary 503, default config",
+            gateway([down, ok], true).await?,
+        ),
+    ];
+    println!(
+        "wrk -t1 -c32 -d{}s, POST /v1/chat/completions, loopback upstreams in this process; \
+         {rounds} rounds, the scenarios interleaved, medians",
+        duration.as_secs()
+    );
+    for (_, addr) in &scenarios {
+        // Warm the pools (and, for the failing primary, open its breaker).
+        wrk(*addr, Duration::from_secs(1), &dir).await?;
+    }
+    // Interleaved rounds: a neighbour's load on this shared machine falls on every scenario.
+    let mut figures = vec![Vec::new(); scenarios.len()];
+    let mut problems = vec![String::new(); scenarios.len()];
+    for _ in 0..rounds.max(1) {
+        for (i, (_, addr)) in scenarios.iter().enumerate() {
+            let (rps, p) = wrk(*addr, duration, &dir).await?;
+            figures[i].push(rps);
+            if !p.is_empty() {
+                problems[i] = p;
+            }
+        }
+    }
+    println!(
+        "{:<40} {:>10} {:>9}  rounds (req/s)  problems",
+        "scenario", "req/s", "vs nginx"
+    );
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base = median(&figures[0]);
+    for (i, (name, _)) in scenarios.iter().enumerate() {
+        let m = median(&figures[i]);
+        let rounds: Vec<String> = figures[i].iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "{name:<40} {m:>10.0} {:>8.2}x  {}  {}",
+            m / base,
+            rounds.join(" "),
+            problems[i]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
