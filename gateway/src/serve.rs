@@ -199,6 +199,16 @@ impl Watched {
     }
 }
 
+impl Watched {
+    /// A write that sent bytes is activity.
+    fn wrote(&mut self, written: io::Result<usize>) -> io::Result<usize> {
+        if matches!(written, Ok(n) if n > 0) {
+            self.last = Instant::now();
+        }
+        written
+    }
+}
+
 impl AsyncRead for Watched {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -241,10 +251,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = ready!(Pin::new(&mut this.tcp).poll_write(cx, buf));
-        if matches!(written, Ok(n) if n > 0) {
-            this.last = Instant::now();
-        }
-        Poll::Ready(written)
+        Poll::Ready(this.wrote(written))
     }
 
     fn poll_write_vectored(
@@ -254,10 +261,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = ready!(Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs));
-        if matches!(written, Ok(n) if n > 0) {
-            this.last = Instant::now();
-        }
-        Poll::Ready(written)
+        Poll::Ready(this.wrote(written))
     }
 
     fn is_write_vectored(&self) -> bool {

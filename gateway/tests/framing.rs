@@ -302,3 +302,35 @@ async fn hyper_upstreams_each_way_pass_through_http1_full_and_streamed_and_h2c()
         }
     }
 }
+
+#[tokio::test]
+async fn an_h2c_client_gets_a_chunked_upstream_answer_with_its_hop_by_hop_headers_removed() {
+    // Connection-specific headers are illegal in HTTP/2: passed on, the stream would fail.
+    let body = r#"{"error":{"message":"slow down"}}"#;
+    let up = RawUpstream::start(
+        chunked(
+            "429 Too Many Requests",
+            "content-type: application/json\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\nretry-after: 3\r\n",
+            &[body],
+        ),
+        false,
+    )
+    .await;
+    let gw = gateway(one_target(up.url()), &[]).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let got = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&got[..], body.as_bytes());
+}
