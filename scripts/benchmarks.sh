@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the figures in BENCHMARKS.md: run it, then paste its output into the file.
-# Takes about 9 minutes on 2 cores. Needs valgrind for the instruction counts, and redis-server
-# for the shared health store's figures.
+# Takes about 11 minutes on 2 cores. Needs valgrind for the instruction counts, redis-server
+# for the shared health store's figures, and nginx and wrk (Debian's packages) for the nginx
+# comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "## Machine"
@@ -43,6 +44,13 @@ for _ in 2 3 4 5; do
 done
 echo '```'
 echo
+if command -v nginx >/dev/null && command -v wrk >/dev/null; then
+  echo "## Against nginx (cargo run --release -p tower-model-fallback-gateway --example loadbench -- nginx 5 5)"
+  echo '```'
+  cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- nginx 5 5
+  echo '```'
+  echo
+fi
 if command -v redis-server >/dev/null; then
   echo "## Shared health store (cargo bench --features redis --bench health_store)"
   echo '```'

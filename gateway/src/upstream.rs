@@ -30,9 +30,8 @@ fn connector() -> HttpsConnector<HttpConnector> {
         .wrap_connector(http)
 }
 
-/// The clients of one gateway: `tls_or_h1` for `https://` (HTTP/1.1 or HTTP/2 by ALPN) and for
-/// `http://` unless `h2c` is set, when plain targets are spoken to in HTTP/2 with prior
-/// knowledge.
+/// The clients of one gateway: `default` for `https://` (HTTP/1.1 or HTTP/2 by ALPN) and for
+/// `http://` (HTTP/1.1); `h2c`, when set, for `http://` in HTTP/2 with prior knowledge.
 struct Clients {
     default: HttpsClient,
     h2c: Option<HttpsClient>,
