@@ -15,8 +15,9 @@
 //! `wrk -t1 -c32` (both must be installed: Debian's `nginx` and `wrk`): nginx in front of the
 //! healthy upstream, the gateway with the primary healthy, and the gateway with a failing primary
 //! under the default config, in interleaved rounds (default 5 of 5 s each, so that a neighbour's
-//! load falls on every scenario alike). It prints each one's median requests/s and the gateway's
-//! ratios to nginx.
+//! load falls on every scenario alike). It prints each one's median requests/s and CPU time per
+//! request (of everything but wrk: nginx's processes and this one), and the gateway's ratios to
+//! nginx in both.
 //!
 //! `cargo run --release -p tower-model-fallback-gateway --example loadbench -- memory [requests]` sends `requests` (default 200)
 //! concurrent 1 MiB bodies through the layer over 3 targets (the first two answer 503) and prints
@@ -321,7 +322,12 @@ async fn throughput(connections: usize, duration: Duration) -> Result<(), BoxErr
 /// elsewhere). All of the benchmark (load, proxy, upstreams) is in this process, so CPU time per
 /// request is the figure a busy, shared machine disturbs least.
 fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_of("self")
+}
+
+/// CPU time (user + system) of process `pid` ("self" for this one), from `/proc/PID/stat`.
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which is in parentheses and may hold spaces).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -333,6 +339,29 @@ fn cpu_time() -> Duration {
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; 100 ticks/s.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// CPU time of process `pid` and of its children (nginx's master and its workers).
+fn cpu_of_tree(pid: u32) -> Duration {
+    let mut total = cpu_of(&pid.to_string());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            total += cpu_of(&name);
+        }
+    }
+    total
 }
 
 fn rss_kib() -> (u64, u64) {
@@ -502,7 +531,7 @@ async fn nginx(duration: Duration, rounds: usize) -> Result<(), BoxError> {
         br#"{"error":{"message":"overloaded","type":"server_error"}}"#,
     )
     .await?;
-    let (_nginx, nginx_addr) = start_nginx(ok, &dir)?;
+    let (nginx_child, nginx_addr) = start_nginx(ok, &dir)?;
     let scenarios = [
         ("nginx, plain reverse proxy", nginx_addr),
         ("gateway, primary healthy", gateway([ok, down], true).await?),
@@ -523,18 +552,25 @@ async fn nginx(duration: Duration, rounds: usize) -> Result<(), BoxError> {
     // Interleaved rounds: a neighbour's load on this shared machine falls on every scenario.
     let mut figures = vec![Vec::new(); scenarios.len()];
     let mut problems = vec![String::new(); scenarios.len()];
+    // CPU per request of everything but wrk: this process (the upstreams, and the gateway when
+    // it is the one driven) and nginx's processes; a busy neighbour moves it less than req/s.
+    let mut cpu = vec![Vec::new(); scenarios.len()];
+    let nginx_pid = nginx_child.0.id();
     for _ in 0..rounds.max(1) {
         for (i, (_, addr)) in scenarios.iter().enumerate() {
+            let before = cpu_time() + cpu_of_tree(nginx_pid);
             let (rps, p) = wrk(*addr, duration, &dir).await?;
+            let used = (cpu_time() + cpu_of_tree(nginx_pid)).saturating_sub(before);
             figures[i].push(rps);
+            cpu[i].push(used.as_secs_f64() * 1e6 / (rps * duration.as_secs_f64()).max(1.0));
             if !p.is_empty() {
                 problems[i] = p;
             }
         }
     }
     println!(
-        "{:<40} {:>10} {:>9}  rounds (req/s)  problems",
-        "scenario", "req/s", "vs nginx"
+        "{:<40} {:>10} {:>9} {:>12} {:>9}  rounds (req/s)  problems",
+        "scenario", "req/s", "vs nginx", "CPU/request", "vs nginx"
     );
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -542,16 +578,20 @@ async fn nginx(duration: Duration, rounds: usize) -> Result<(), BoxError> {
         v[v.len() / 2]
     };
     let base = median(&figures[0]);
+    let cpu_base = median(&cpu[0]);
     for (i, (name, _)) in scenarios.iter().enumerate() {
         let m = median(&figures[i]);
+        let c = median(&cpu[i]);
         let rounds: Vec<String> = figures[i].iter().map(|r| format!("{r:.0}")).collect();
         println!(
-            "{name:<40} {m:>10.0} {:>8.2}x  {}  {}",
+            "{name:<40} {m:>10.0} {:>8.2}x {c:>9.1} µs {:>8.2}x  {}  {}",
             m / base,
+            cpu_base / c,
             rounds.join(" "),
             problems[i]
         );
     }
+    drop(nginx_child);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
