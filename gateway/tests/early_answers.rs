@@ -1,4 +1,5 @@
-//! A 413 for a body over the limit, announced by `content-length` or streamed chunked, is read
+//! A 413 for a body over the limit, announced by `content-length` or streamed chunked, and a 401
+//! sent before a large body is read, are read
 //! by clients that are still sending: the gateway closes lingering (FIN, then reads and
 //! discards for a bounded time) instead of resetting. Raw-socket clients that keep sending,
 //! curl (with and without `Expect: 100-continue`), Python's httpx (sync and async) and the
@@ -213,5 +214,28 @@ async fn httpx_and_the_openai_sdk_sync_and_async_read_the_413_ten_times_out_of_t
         ],
     );
     // A 413 is not retried: each SDK call uploaded once, and nothing went upstream.
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_sent_before_a_large_body_is_read_reaches_a_client_still_sending() {
+    let up = RawUpstream::start(OK, false).await;
+    let mut c = config(&[("only", up.url())]);
+    c["clients"] = serde_json::json!([{"name": "web", "key_env": "EARLY_WEB_KEY"}]);
+    let gw = gateway(c, &[("EARLY_WEB_KEY", "the-key")]).await;
+    let body = big_chat();
+    for i in 0..10 {
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer not-the-key\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let _ = tcp.write_all(body.as_bytes()).await;
+        let response = read_to_close(&mut tcp).await;
+        let (head, _) = split(&response);
+        assert!(head.starts_with("http/1.1 401 "), "#{i}: {head:?}");
+    }
     assert_eq!(up.count(), 0);
 }
