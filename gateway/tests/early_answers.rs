@@ -1,8 +1,9 @@
 //! A 413 for a body over the limit, announced by `content-length` or streamed chunked, and a 401
 //! sent before a large body is read, reach clients that are still sending: the gateway closes
-//! lingering (FIN, then reads and discards for a bounded time) instead of resetting. Raw-socket clients that keep sending,
-//! curl (with and without `Expect: 100-continue`), Python's httpx (sync and async) and the
-//! official openai SDK (sync and async) each read the 413, 10 times out of 10.
+//! lingering (FIN, then reads and discards for a bounded time) instead of resetting. Raw-socket
+//! clients that keep sending, curl (with and without `Expect: 100-continue`), Python's httpx
+//! (sync and async) and the official openai SDK (sync and async) each read the 413, 10 times out
+//! of 10.
 
 mod support;
 
