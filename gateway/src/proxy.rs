@@ -5,7 +5,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE};
@@ -15,7 +14,7 @@ use hyper::body::Incoming;
 use tower::{BoxError, ServiceExt};
 use tower_http::body::UnsyncBoxBody;
 use tower_http::decompression::RequestDecompression;
-use tower_http::timeout::TimeoutBody;
+use tower_http::timeout::RequestBodyTimeout;
 use tower_model_fallback::{ConfigError, FallbackError, FallbackReport, ResponseBody, Stats};
 
 use crate::auth::{Caller, Clients};
@@ -30,13 +29,15 @@ pub struct Gateway {
 }
 
 struct Shared {
-    stack: Stack,
-    /// The same stack behind tower-http's request decompression, for compressed bodies only:
-    /// the layer then reads (bounded by `max_body_bytes`) and rewrites the decompressed JSON.
-    decompress: RequestDecompression<Stack>,
+    /// The fallback stack behind tower-http's request-body timeout: the longest pause between
+    /// two chunks of the body the layer reads.
+    stack: RequestBodyTimeout<Stack>,
+    /// The same behind tower-http's request decompression too, for compressed bodies only: the
+    /// layer then reads (bounded by `max_body_bytes`) and rewrites the decompressed JSON. The
+    /// timeout is outside, on the bytes as they arrive.
+    decompress: RequestBodyTimeout<RequestDecompression<Stack>>,
     stats: Stats,
     clients: Clients,
-    body_read_timeout: Duration,
     targets: Vec<String>,
 }
 
@@ -57,11 +58,13 @@ impl Gateway {
         );
         Ok(Gateway {
             shared: Arc::new(Shared {
-                decompress: RequestDecompression::new(stack.clone()),
-                stack,
+                decompress: RequestBodyTimeout::new(
+                    RequestDecompression::new(stack.clone()),
+                    config.body_read_timeout,
+                ),
+                stack: RequestBodyTimeout::new(stack, config.body_read_timeout),
                 stats: layer.stats(),
                 clients,
-                body_read_timeout: config.body_read_timeout,
                 targets: layer
                     .targets()
                     .iter()
@@ -164,7 +167,6 @@ impl Gateway {
         let method = request.method().clone();
         let uri = request.uri().clone();
         let version = request.version();
-        let request = request.map(|b| TimeoutBody::new(shared.body_read_timeout, b));
         let result = if compressed {
             shared
                 .decompress

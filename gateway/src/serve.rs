@@ -2,8 +2,9 @@
 //! lingering close, and a graceful shutdown that always ends.
 //!
 //! - **Header read timeout**: hyper's own, from the moment a connection waits for a head.
-//! - **Body read timeout**: tower-http's [`TimeoutBody`](tower_http::timeout::TimeoutBody), the
-//!   longest pause between two chunks of a request body (in [`Gateway`]).
+//! - **Body read timeout**: tower-http's
+//!   [`RequestBodyTimeout`](tower_http::timeout::RequestBodyTimeout), the longest pause between
+//!   two chunks of a request body (in [`Gateway`]).
 //! - **Idle timeout**: a connection with no request in flight that sends nothing is closed.
 //! - **Lingering close**: when the gateway closes a connection whose client may still be
 //!   sending (a 413 for a body over the limit, answered before the body was read), it sends its
