@@ -1,5 +1,6 @@
 //! Bad input never goes upstream with a key: dot segments, unauthenticated clients, keys that
-//! must not travel; compressed bodies are decompressed (bounded) and then rewritten; errors a
+//! must not travel; compressed bodies (gzip, deflate, br, zstd) are decompressed (bounded) and
+//! then rewritten; errors a
 //! client sees name targets, never URLs, sockets, env var names or keys.
 
 mod support;
@@ -255,7 +256,20 @@ async fn a_compressed_body_is_decompressed_and_each_target_gets_its_own_model() 
         e.write_all(CHAT.as_bytes()).unwrap();
         e.finish().unwrap()
     };
-    for (encoding, body) in [("gzip", gzip(CHAT.as_bytes())), ("deflate", deflate)] {
+    let br = {
+        let mut out = Vec::new();
+        let mut w = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+        w.write_all(CHAT.as_bytes()).unwrap();
+        drop(w);
+        out
+    };
+    let zstd = zstd::encode_all(CHAT.as_bytes(), 3).unwrap();
+    for (encoding, body) in [
+        ("gzip", gzip(CHAT.as_bytes())),
+        ("deflate", deflate),
+        ("br", br),
+        ("zstd", zstd),
+    ] {
         let response = raw(gw.addr, &compressed_post(encoding, &body)).await;
         assert!(
             split(&response).0.starts_with("http/1.1 200 "),
@@ -268,7 +282,7 @@ async fn a_compressed_body_is_decompressed_and_each_target_gets_its_own_model() 
             assert!(!seen.contains("caller-model"), "{seen}");
             assert!(!seen.to_lowercase().contains("content-encoding"), "{seen}");
         }
-        assert_eq!(upstream.count(), 2);
+        assert_eq!(upstream.count(), 4);
     }
 }
 
