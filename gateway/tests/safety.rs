@@ -1,7 +1,6 @@
 //! Bad input never goes upstream with a key: dot segments, unauthenticated clients, keys that
 //! must not travel; compressed bodies (gzip, deflate, br, zstd) are decompressed (bounded) and
-//! then rewritten; errors a
-//! client sees name targets, never URLs, sockets, env var names or keys.
+//! then rewritten; errors a client sees name targets, never URLs, sockets, env var names or keys.
 
 mod support;
 
