@@ -1,7 +1,7 @@
-//! The `fallback-gateway` binary: `--help`, `--version`, `--check-config` (0 valid, 2 invalid,
-//! the reason on stderr), and SIGTERM: accepting stops at once, and after
-//! `shutdown_timeout_ms` a hung request is cut so the process always exits. Real processes,
-//! real time: every wait is bounded.
+//! The `fallback-gateway` binary: the demo with no arguments, `--help`, `--version`,
+//! `--check-config` (0 valid, 2 invalid, the reason on stderr), and SIGTERM: accepting stops at
+//! once, and after `shutdown_timeout_ms` a hung request is cut so the process always exits. Real
+//! processes, real time: every wait is bounded.
 
 mod support;
 
@@ -198,4 +198,55 @@ fn sigterm_stops_accepting_at_once_and_cuts_a_hung_request_after_the_shutdown_ti
     assert!(rest.is_empty(), "the cut request gets no answer");
     let _ = std::fs::remove_file(path);
     drop(held);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_arguments_it_runs_the_demo_on_8080_and_falls_back() {
+    let demo: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    if TcpListener::bind(demo).is_err() {
+        eprintln!("skipped: 127.0.0.1:8080, the demo's address, is in use");
+        return;
+    }
+    let child = Command::new(BIN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let started = Instant::now();
+    while TcpStream::connect(demo).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the demo listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{demo}/v1/chat/completions");
+    let mut served_by = Vec::new();
+    for _ in 0..2 {
+        let (status, headers, body) = support::post(&url, &[], support::CHAT).await;
+        assert_eq!(status, 200);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["model"], headers["x-fallback-model"].to_str().unwrap());
+        served_by.push(headers["x-fallback-target"].to_str().unwrap().to_owned());
+    }
+    // The flaky primary answers 503 to every other request: the first falls back.
+    assert_eq!(served_by, ["steady", "flaky"]);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the demo exits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success());
 }
