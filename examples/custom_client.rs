@@ -7,7 +7,6 @@
 //!
 //! Run: `cargo run --example custom_client`
 
-#[path = "common/upstream.rs"]
 mod upstream;
 
 use std::fmt;

@@ -6,7 +6,6 @@
 //!
 //! Run: `cargo run --example hyper_client`
 
-#[path = "common/upstream.rs"]
 mod upstream;
 
 use std::time::{Duration, Instant};

@@ -8,7 +8,6 @@
 //!
 //! Run: `cargo run --example quickstart`
 
-#[path = "common/upstream.rs"]
 mod upstream;
 
 use std::time::Duration;

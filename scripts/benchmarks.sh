@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates the figures in BENCHMARKS.md: run it, then paste its output into the file.
-# Takes about 9 minutes on 2 cores. Needs valgrind for the instruction counts, and redis-server
-# for the shared health store's figures.
+# Takes about 11 minutes on 2 cores. Needs valgrind for the instruction counts, redis-server
+# for the shared health store's figures, and nginx and wrk (Debian's packages) for the nginx
+# comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "## Machine"
@@ -35,14 +36,21 @@ echo '```'
 ./scripts/gateway-instructions.sh
 echo '```'
 echo
-echo "## Load on loopback (cargo run --release --example loadbench -- throughput 32 5), 5 runs"
+echo "## Load on loopback (cargo run --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5), 5 runs"
 echo '```'
-cargo run -q --release --example loadbench -- throughput 32 5
+cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5
 for _ in 2 3 4 5; do
-  cargo run -q --release --example loadbench -- throughput 32 5 | grep '^('
+  cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- throughput 32 5 | grep '^('
 done
 echo '```'
 echo
+if command -v nginx >/dev/null && command -v wrk >/dev/null; then
+  echo "## Against nginx (cargo run --release -p tower-model-fallback-gateway --example loadbench -- nginx 5 5)"
+  echo '```'
+  cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- nginx 5 5
+  echo '```'
+  echo
+fi
 if command -v redis-server >/dev/null; then
   echo "## Shared health store (cargo bench --features redis --bench health_store)"
   echo '```'
@@ -51,12 +59,12 @@ if command -v redis-server >/dev/null; then
   echo '```'
 fi
 echo
-echo "## Memory (cargo run --release --example loadbench -- memory 200)"
+echo "## Memory (cargo run --release -p tower-model-fallback-gateway --example loadbench -- memory 200)"
 echo '```'
-cargo run -q --release --example loadbench -- memory 200
+cargo run -q --release -p tower-model-fallback-gateway --example loadbench -- memory 200
 echo '```'
 echo
-echo "## Time to first chunk (cargo run --release --example stream_latency)"
+echo "## Time to first chunk (cargo run --release -p tower-model-fallback-gateway --example stream_latency)"
 echo '```'
-cargo run -q --release --example stream_latency
+cargo run -q --release -p tower-model-fallback-gateway --example stream_latency
 echo '```'

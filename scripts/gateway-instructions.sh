@@ -5,7 +5,7 @@
 # Unlike requests per second, the counts barely move on a busy machine. Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q --release --example loadbench
+cargo build -q --release -p tower-model-fallback-gateway --example loadbench
 bin=target/release/examples/loadbench
 run() { # scenario seconds -> "instructions requests"
   out=$(LOADBENCH_ONLY="$1" valgrind --tool=callgrind --callgrind-out-file=/dev/null \
@@ -21,6 +21,6 @@ for s in a b c d; do
   read -r i2 r2 <<<"$(run "$s" 6)"
   per=$(( (i2 - i1) / (r2 - r1) ))
   [ "$s" = a ] && base=$per
-  name=$(grep -o "\"(${s}) [^\"]*" examples/loadbench.rs | head -n 1 | tr -d '"')
+  name=$(grep -o "\"(${s}) [^\"]*" gateway/examples/loadbench.rs | head -n 1 | tr -d '"')
   printf '%-38s %14s %8s\n' "$name" "$per" "$(awk "BEGIN{printf \"%.2f\", $per/$base}")"
 done

@@ -247,6 +247,14 @@ impl Target {
             if self.base_path.contains(MODEL_PLACEHOLDER) {
                 let model =
                     model.ok_or("the base URL has {model} but the request names no model")?;
+                // `.` and `..` are dot segments even percent-encoded (`%2E%2E`): a server that
+                // normalises the path would climb out of the deployment path with the key.
+                if matches!(model, "" | "." | "..") {
+                    return Err(format!(
+                        "the model {model:?} cannot be a path segment of the base URL's {{model}}"
+                    )
+                    .into());
+                }
                 s.push_str(
                     &self
                         .base_path
@@ -437,6 +445,36 @@ mod tests {
             .is_err());
         assert_eq!(root.get_name(), "127.0.0.1");
         assert_eq!(root.host, "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn a_model_in_a_model_url_never_forms_a_dot_segment() {
+        let azure = Target::new("https://res.openai.azure.com/openai/deployments/{model}").unwrap();
+        let chat = PathAndQuery::from_static("/chat/completions");
+        for model in ["..", ".", ""] {
+            let err = azure.uri_for(&chat, Some(model)).unwrap_err();
+            assert!(
+                err.to_string().contains("cannot be a path segment"),
+                "{err}"
+            );
+        }
+        for (model, segment) in [
+            ("../../admin", "..%2F..%2Fadmin"),
+            ("...", "..."),
+            ("%2e%2e", "%252e%252e"),
+            ("a/..", "a%2F.."),
+        ] {
+            let uri = azure.uri_for(&chat, Some(model)).unwrap();
+            assert_eq!(
+                uri.path(),
+                format!("/openai/deployments/{segment}/chat/completions"),
+                "{model}"
+            );
+            assert!(
+                uri.path().split('/').all(|s| s != "." && s != ".."),
+                "{uri}"
+            );
+        }
     }
 
     #[test]

@@ -5,15 +5,13 @@
 
 mod support;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use http_body_util::{BodyExt, Full};
-use support::{chat_request, hosts, reply, send, Act, Scripted, Upstream, CHAT};
+use support::{hosts, send, Act, Scripted};
 use tower::retry::budget::Budget;
 use tower_model_fallback::{
     Admission, Cooldowns, FallbackLayer, HealthOutcome, HealthStore, RedisBudget, RedisHealth,
@@ -377,149 +375,6 @@ fn bad_urls_and_prefixes_are_config_errors() {
     // The password never shows in Debug.
     let store = RedisHealth::new("redis://:s3cr3t-pass@127.0.0.1:6379/", "p").unwrap();
     assert!(!format!("{store:?}").contains("s3cr3t"));
-}
-
-/// The gateway example, built by `cargo test` with the same features.
-fn gateway_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is built by `cargo test --features redis`",
-        bin.display()
-    );
-    bin
-}
-
-struct Gateway {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_gateway(config: serde_json::Value, name: &str) -> Gateway {
-    let port = free_port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut config = config;
-    config["listen"] = serde_json::Value::String(addr.to_string());
-    let path = std::env::temp_dir().join(format!(
-        "tmf-redis-gateway-{name}-{}.json",
-        std::process::id()
-    ));
-    std::fs::write(&path, config.to_string()).unwrap();
-    let child = Command::new(gateway_binary())
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut gateway = Gateway { child, addr };
-    for _ in 0..400 {
-        if TcpStream::connect(addr).is_ok() {
-            let _ = std::fs::remove_file(&path);
-            return gateway;
-        }
-        if let Ok(Some(status)) = gateway.child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = gateway.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
-            panic!(
-                "the gateway exited ({status}): {stderr}\n(the gateway example must be built with \
-                 the feature: `cargo build --features redis --example gateway`, as .ci/run does)"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("the gateway did not listen on {addr}");
-}
-
-/// One chat request to a gateway: the status and the target that served it.
-async fn through(gateway: &Gateway) -> (StatusCode, String) {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<bytes::Bytes>>();
-    let mut request = chat_request(CHAT);
-    *request.uri_mut() = format!("http://{}/v1/chat/completions", gateway.addr)
-        .parse()
-        .unwrap();
-    let response = client.request(request).await.unwrap();
-    let status = response.status();
-    let target = response
-        .headers()
-        .get("x-fallback-target")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let _ = response.into_body().collect().await;
-    (status, target)
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_gateway_processes_share_a_cooldown() {
-    let redis = RedisServer::start();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = calls.clone();
-    // Rate limited on its first call, healthy afterwards.
-    let primary = Upstream::start(move |_| {
-        let n = c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if n == 0 {
-                let mut r = reply(429, r#"{"error":{"message":"slow down"}}"#);
-                r.headers_mut()
-                    .insert("retry-after", http::HeaderValue::from_static("30"));
-                r
-            } else {
-                reply(200, r#"{"choices":[]}"#)
-            }
-        }
-    })
-    .await;
-    let secondary = Upstream::fixed(200, r#"{"choices":[]}"#).await;
-    let config = serde_json::json!({
-        "targets": [
-            {"name": "primary", "base_url": primary.url_with("/v1"), "model": "m1"},
-            {"name": "secondary", "base_url": secondary.url_with("/v1"), "model": "m2"},
-        ],
-        "health_store": {"redis_url": redis.url(), "prefix": prefix("gateways"), "refresh_ms": 50},
-    });
-    let one = start_gateway(config.clone(), "one");
-    let two = start_gateway(config, "two");
-
-    assert_eq!(through(&one).await, (StatusCode::OK, "secondary".into()));
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
-    let start = Instant::now();
-    loop {
-        let (status, target) = through(&two).await;
-        assert_eq!(status, StatusCode::OK);
-        if target == "secondary" {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "gateway two never learnt of the cooldown"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let seen = calls.load(Ordering::SeqCst);
-    for _ in 0..5 {
-        assert_eq!(through(&two).await, (StatusCode::OK, "secondary".into()));
-        assert_eq!(through(&one).await, (StatusCode::OK, "secondary".into()));
-    }
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        seen,
-        "no gateway calls the cooling target"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! A tiny upstream on 127.0.0.1 for the examples: every request is answered by a function of
-//! its parsed JSON body, after an optional delay. Shared by the examples with `#[path]`.
+//! its parsed JSON body, after an optional delay. Shared by the examples as `mod upstream;`.
 #![allow(dead_code)]
 
 use std::convert::Infallible;

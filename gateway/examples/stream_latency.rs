@@ -1,11 +1,8 @@
 //! Time to first chunk of a streamed answer: straight to the upstream vs through the gateway
-//! (the fallback layer inside an axum proxy), measured in the same run, interleaved, over
+//! (the fallback layer inside the gateway's proxy), measured in the same run, interleaved, over
 //! loopback. Prints percentiles and the difference.
 //!
-//! Run: `cargo run --release --example stream_latency -- [requests]` (default 500 each way).
-
-#[path = "gateway/app.rs"]
-mod app;
+//! Run: `cargo run --release -p tower-model-fallback-gateway --example stream_latency -- [requests]` (default 500 each way).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -16,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower_model_fallback_gateway::{serve, Gateway, GatewayConfig};
 
 const BODY: &str =
     r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
@@ -28,17 +26,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or(500);
     let upstream = streaming_upstream().await?;
 
-    let config = app::parse_config(
+    let config = GatewayConfig::from_json(
         format!(r#"{{"targets": [{{"name": "upstream", "base_url": "http://{upstream}/v1", "model": "gpt-4o-mini"}}], "attempt_timeout_ms": 30000}}"#)
             .as_bytes(),
     )?;
-    let layer = config.fallback.layer()?;
-    let stack = app::stack(&layer, config.fallback.attempt_timeout());
+    let service = Gateway::new(&config, |_| None)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let gateway = listener.local_addr()?;
-    tokio::spawn(app::serve(
+    tokio::spawn(serve::serve(
         listener,
-        app::router(stack, layer.stats()),
+        service,
+        (&config).into(),
         std::future::pending(),
     ));
 

@@ -1,0 +1,222 @@
+//! The gateway's config file: where to listen, who may call, the client-side timeouts, and a
+//! [`FallbackConfig`] for everything about targets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tower_model_fallback::{ConfigError, FallbackConfig};
+
+/// A parsed config. Keys (the targets' and the clients') are still environment variable names:
+/// [`Gateway::new`](crate::Gateway::new) reads them.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where to listen (default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The clients allowed to call, each with the environment variable that holds its key.
+    pub clients: Vec<ClientConfig>,
+    /// Serve without `clients` on an address that is not loopback.
+    pub allow_anonymous: bool,
+    /// How long a request head may take to arrive, counted from when the connection waits for
+    /// it (default 10 s).
+    pub header_read_timeout: Duration,
+    /// The longest pause while a request body is read (default 10 s).
+    pub body_read_timeout: Duration,
+    /// How long a connection with no request in flight may stay silent (default 5 s).
+    pub idle_timeout: Duration,
+    /// After SIGTERM, how long requests in flight may take before they are cut (default 30 s).
+    pub shutdown_timeout: Duration,
+    /// Speak HTTP/2 with prior knowledge (h2c) to `http://` targets (default `false`).
+    pub upstream_h2c: bool,
+    /// Targets, limits, policy. Cooldowns are on unless the file says `"cooldown": "off"`.
+    pub fallback: FallbackConfig,
+}
+
+/// One entry of `clients`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client's name, in the logs.
+    pub name: String,
+    /// The environment variable that holds the client's key.
+    pub key_env: String,
+}
+
+/// The gateway fields and their defaults in milliseconds.
+const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+const BODY_READ_TIMEOUT_MS: u64 = 10_000;
+const IDLE_TIMEOUT_MS: u64 = 5_000;
+const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+
+impl GatewayConfig {
+    /// Parses `{"listen": …, "clients": […], …, ...FallbackConfig fields}`. Unknown fields are
+    /// errors, and every error names its field.
+    pub fn from_json(json: &[u8]) -> Result<GatewayConfig, ConfigError> {
+        let value: Value = serde_json::from_slice(json)
+            .map_err(|e| ConfigError::new("config", format!("not valid JSON: {e}")))?;
+        let Value::Object(mut object) = value else {
+            return Err(ConfigError::new("config", "expected a JSON object"));
+        };
+        let listen = match object.remove("listen") {
+            None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            Some(Value::String(s)) => s.parse().map_err(|e| {
+                ConfigError::new(
+                    "listen",
+                    format!("{s:?} is not an address like 127.0.0.1:8080: {e}"),
+                )
+            })?,
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "listen",
+                    format!("expected a string, got {other}"),
+                ))
+            }
+        };
+        let clients: Vec<ClientConfig> = take(&mut object, "clients")?.unwrap_or_default();
+        for (i, client) in clients.iter().enumerate() {
+            if client.name.is_empty() {
+                return Err(ConfigError::new(
+                    format!("clients[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+        }
+        let ms = |object: &mut Map<String, Value>, field: &'static str, default: u64| {
+            let ms: u64 = take(object, field)?.unwrap_or(default);
+            if ms == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
+            Ok(Duration::from_millis(ms))
+        };
+        let header_read_timeout = ms(
+            &mut object,
+            "header_read_timeout_ms",
+            HEADER_READ_TIMEOUT_MS,
+        )?;
+        let body_read_timeout = ms(&mut object, "body_read_timeout_ms", BODY_READ_TIMEOUT_MS)?;
+        let idle_timeout = ms(&mut object, "idle_timeout_ms", IDLE_TIMEOUT_MS)?;
+        let shutdown_timeout = ms(&mut object, "shutdown_timeout_ms", SHUTDOWN_TIMEOUT_MS)?;
+        let allow_anonymous = take(&mut object, "allow_anonymous")?.unwrap_or(false);
+        let upstream_h2c = take(&mut object, "upstream_h2c")?.unwrap_or(false);
+        // Cooldowns protect upstreams: on unless turned off, with the library's settings form.
+        match object.get("cooldown") {
+            None => {
+                object.insert("cooldown".into(), Value::Object(Map::new()));
+            }
+            Some(Value::String(s)) if s == "off" => {
+                object.remove("cooldown");
+            }
+            Some(Value::Object(_)) => {}
+            Some(other) => {
+                return Err(ConfigError::new(
+                    "cooldown",
+                    format!("expected an object or \"off\", got {other}"),
+                ))
+            }
+        }
+        Ok(GatewayConfig {
+            listen,
+            clients,
+            allow_anonymous,
+            header_read_timeout,
+            body_read_timeout,
+            idle_timeout,
+            shutdown_timeout,
+            upstream_h2c,
+            // Deserialized from the parsed value: errors name the field, not a position in a
+            // re-encoded document.
+            fallback: FallbackConfig::from_value(Value::Object(object))?,
+        })
+    }
+
+    /// Reads and parses a config file.
+    pub fn from_file(path: &str) -> Result<GatewayConfig, ConfigError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::new("config", format!("cannot read {path}: {e}")))?;
+        GatewayConfig::from_json(&bytes)
+    }
+
+    /// The listen rule: without clients, only a loopback address, unless `allow_anonymous`.
+    pub(crate) fn check_listen(&self) -> Result<(), ConfigError> {
+        if self.clients.is_empty() && !self.allow_anonymous && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::new(
+                "clients",
+                format!(
+                    "are required to listen on {}, which is not a loopback address \
+                     (or set \"allow_anonymous\": true)",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Removes `field` from `object` and deserializes it; an error names the field.
+fn take<T: serde::de::DeserializeOwned>(
+    object: &mut Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<T>, ConfigError> {
+    match object.remove(field) {
+        None => Ok(None),
+        Some(value) => serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| ConfigError::new(field, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cooldowns_are_on_unless_turned_off() {
+        let target = r#""targets": [{"base_url": "http://127.0.0.1:9/v1"}]"#;
+        let on = GatewayConfig::from_json(format!("{{{target}}}").as_bytes()).unwrap();
+        assert!(on.fallback.cooldown.is_some());
+        let off =
+            GatewayConfig::from_json(format!(r#"{{{target}, "cooldown": "off"}}"#).as_bytes())
+                .unwrap();
+        assert!(off.fallback.cooldown.is_none());
+        let tuned = GatewayConfig::from_json(
+            format!(r#"{{{target}, "cooldown": {{"failures": 7}}}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(tuned.fallback.cooldown.map(|c| c.failures), Some(7));
+        let err = GatewayConfig::from_json(format!(r#"{{{target}, "cooldown": 5}}"#).as_bytes())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("cooldown: expected an object"));
+    }
+
+    #[test]
+    fn timeouts_have_defaults_of_seconds_and_refuse_zero() {
+        let target = r#""targets": [{"base_url": "http://127.0.0.1:9/v1"}]"#;
+        let c = GatewayConfig::from_json(format!("{{{target}}}").as_bytes()).unwrap();
+        assert_eq!(
+            (
+                c.header_read_timeout,
+                c.body_read_timeout,
+                c.idle_timeout,
+                c.shutdown_timeout
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+                Duration::from_secs(30)
+            )
+        );
+        let err =
+            GatewayConfig::from_json(format!(r#"{{{target}, "idle_timeout_ms": 0}}"#).as_bytes())
+                .unwrap_err();
+        assert_eq!(err.to_string(), "idle_timeout_ms: must be at least 1");
+        let err = GatewayConfig::from_json(
+            format!(r#"{{{target}, "shutdown_timeout_ms": "soon"}}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(err
+            .to_string()
+            .starts_with("shutdown_timeout_ms: invalid type"));
+    }
+}

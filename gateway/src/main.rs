@@ -1,0 +1,173 @@
+//! `fallback-gateway`: the command line. See the crate's docs and README.md for the config.
+
+use std::process::ExitCode;
+
+use tower_model_fallback_gateway::{demo, serve, Gateway, GatewayConfig};
+
+const USAGE: &str = "\
+fallback-gateway: an OpenAI-compatible gateway with model fallback
+
+usage:
+  fallback-gateway                      run the demo (two upstreams of its own on 127.0.0.1)
+  fallback-gateway --config PATH        serve the gateway that PATH describes
+  fallback-gateway --check-config PATH  validate PATH (and its environment variables); exit 0 or 2
+  fallback-gateway --help               this text
+  fallback-gateway --version            the version
+
+Keys come from the environment variables the config names. Logs go to stderr
+(RUST_LOG=tower_model_fallback=debug shows every attempt). SIGTERM or Ctrl-C stops accepting,
+lets requests in flight finish for shutdown_timeout_ms, then cuts the rest.
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["--help" | "-h"] => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        ["--version" | "-V"] => {
+            println!("fallback-gateway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        ["--check-config", path] => match runtime() {
+            // In a runtime: the layer's Redis store (feature `redis`) starts its tasks on it.
+            Ok(rt) => rt.block_on(async {
+                match load(path) {
+                    Ok((config, gateway)) => {
+                        println!(
+                            "{path}: ok; listen {}, targets {}, {} clients",
+                            config.listen,
+                            gateway.targets().join(" -> "),
+                            config.clients.len()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                }
+            }),
+            Err(e) => fail(format!("runtime: {e}")),
+        },
+        ["--config", path] => {
+            init_logs();
+            match runtime() {
+                Ok(rt) => rt.block_on(async {
+                    match load(path) {
+                        Ok((config, gateway)) => run(config, gateway, false).await,
+                        Err(e) => fail(e),
+                    }
+                }),
+                Err(e) => fail(format!("runtime: {e}")),
+            }
+        }
+        [] => {
+            init_logs();
+            match runtime() {
+                Ok(rt) => rt.block_on(async {
+                    let config = match demo::config().await {
+                        Ok(config) => config,
+                        Err(e) => return fail(format!("demo: {e}")),
+                    };
+                    match Gateway::new(&config, |_| None) {
+                        Ok(gateway) => run(config, gateway, true).await,
+                        Err(e) => fail(e.to_string()),
+                    }
+                }),
+                Err(e) => fail(format!("runtime: {e}")),
+            }
+        }
+        _ => {
+            eprint!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_model_fallback=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// The config at `path` and the gateway it describes, keys from the environment.
+fn load(path: &str) -> Result<(GatewayConfig, Gateway), String> {
+    let config = GatewayConfig::from_file(path).map_err(|e| e.to_string())?;
+    let gateway =
+        Gateway::new(&config, |var| std::env::var(var).ok()).map_err(|e| e.to_string())?;
+    Ok((config, gateway))
+}
+
+async fn run(config: GatewayConfig, gateway: Gateway, demo: bool) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => return fail(format!("listen: cannot bind {}: {e}", config.listen)),
+    };
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    eprintln!(
+        "gateway on http://{listen}/v1, targets in order: {}",
+        gateway.targets().join(" -> ")
+    );
+    if demo {
+        eprintln!(
+            "try:\n  curl -s http://{listen}/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' -D -"
+        );
+        eprintln!(
+            "  (add \"stream\": true for server-sent events; every other request falls back)"
+        );
+    }
+    tokio::spawn(log_stats(gateway.stats().clone()));
+    match serve::serve(listener, gateway, (&config).into(), shutdown()).await {
+        Ok(()) => {
+            eprintln!("gateway stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("serve: {e}")),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("fallback-gateway: {message}");
+    ExitCode::from(2)
+}
+
+/// Logs a one-line summary of the counters every minute.
+async fn log_stats(stats: tower_model_fallback::Stats) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        tracing::info!(target: "gateway", "stats: {}", stats.snapshot());
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    eprintln!("shutting down: no new connections; finishing requests in flight");
+}

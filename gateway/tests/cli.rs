@@ -1,0 +1,252 @@
+//! The `fallback-gateway` binary: the demo with no arguments, `--help`, `--version`,
+//! `--check-config` (0 valid, 2 invalid, the reason on stderr), and SIGTERM: accepting stops at
+//! once, and after `shutdown_timeout_ms` a hung request is cut so the process always exits. Real
+//! processes, real time: every wait is bounded.
+
+mod support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fallback-gateway");
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+fn config_file(name: &str, json: &str) -> String {
+    let path = std::env::temp_dir().join(format!("tmf-cli-{name}-{}.json", std::process::id()));
+    std::fs::write(&path, json).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn help_and_version_print_to_stdout_and_exit_0() {
+    let help = run(&["--help"], &[]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--config PATH", "--check-config PATH", "--version"] {
+        assert!(text.contains(flag), "{text}");
+    }
+    let version = run(&["--version"], &[]);
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("fallback-gateway {}", env!("CARGO_PKG_VERSION"))
+    );
+    let bad = run(&["--colour"], &[]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("usage"));
+}
+
+#[test]
+fn check_config_exits_0_for_a_valid_file_and_2_naming_the_field_otherwise() {
+    let target =
+        r#"{"name": "a", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "CLI_TARGET_KEY"}"#;
+    let clients = r#"[{"name": "web", "key_env": "CLI_WEB_KEY"}]"#;
+    let env = [("CLI_TARGET_KEY", "k"), ("CLI_WEB_KEY", "w")];
+    let valid = config_file(
+        "valid",
+        &format!(r#"{{"listen": "0.0.0.0:8080", "clients": {clients}, "targets": [{target}]}}"#),
+    );
+    let ok = run(&["--check-config", &valid], &env);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (name, json, env, expected) in [
+        (
+            "unknown",
+            format!(r#"{{"targets": [{target}], "colour": 1}}"#),
+            &env[..],
+            "colour: unknown field",
+        ),
+        (
+            "client-env",
+            format!(r#"{{"clients": {clients}, "targets": [{target}]}}"#),
+            &env[..1],
+            "clients[0].key_env: environment variable CLI_WEB_KEY is not set",
+        ),
+        (
+            "target-env",
+            format!(r#"{{"targets": [{target}]}}"#),
+            &env[1..],
+            "targets[0].api_key_env: environment variable CLI_TARGET_KEY is not set",
+        ),
+        (
+            "anonymous",
+            format!(r#"{{"listen": "0.0.0.0:8080", "targets": [{target}]}}"#),
+            &env[..],
+            "clients: are required to listen on 0.0.0.0:8080",
+        ),
+        ("json", "{".to_owned(), &env[..], "config: not valid JSON"),
+    ] {
+        let path = config_file(name, &json);
+        let out = run(&["--check-config", &path], env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        let _ = std::fs::remove_file(path);
+    }
+    let missing = run(&["--check-config", "/nonexistent/gateway.json"], &[]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read"));
+    let _ = std::fs::remove_file(valid);
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_accepting_at_once_and_cuts_a_hung_request_after_the_shutdown_timeout() {
+    use std::io::{Read, Write};
+    // An upstream that takes requests and never answers.
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        if let Ok((tcp, _)) = upstream.accept() {
+            held.push(tcp);
+        }
+        std::thread::sleep(Duration::from_secs(8));
+    });
+    let listen = free_addr();
+    let path = config_file(
+        "sigterm",
+        &format!(
+            r#"{{"listen": "{listen}", "shutdown_timeout_ms": 1000, "attempt_timeout_ms": 60000,
+                "targets": [{{"name": "hung", "base_url": "http://{upstream_addr}/v1"}}]}}"#
+        ),
+    );
+    let child = Command::new(BIN)
+        .args(["--config", &path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let started = Instant::now();
+    while TcpStream::connect(listen).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gateway listens"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut client = TcpStream::connect(listen).unwrap();
+    client
+        .write_all(&support::chat_post("", support::CHAT))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Accepting stops at once.
+    let mut refused = false;
+    while signalled.elapsed() < Duration::from_millis(800) {
+        if TcpStream::connect(listen).is_err() {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(refused, "new connections are refused right after SIGTERM");
+    // The process exits once the shutdown timeout has passed, the hung request cut.
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(6),
+            "the process exits"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let waited = signalled.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "the cut request gets no answer");
+    let _ = std::fs::remove_file(path);
+    drop(held);
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_arguments_it_runs_the_demo_on_8080_and_falls_back() {
+    let demo: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    if TcpListener::bind(demo).is_err() {
+        eprintln!("skipped: 127.0.0.1:8080, the demo's address, is in use");
+        return;
+    }
+    let child = Command::new(BIN)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Killed(child);
+    let started = Instant::now();
+    while TcpStream::connect(demo).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the demo listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{demo}/v1/chat/completions");
+    let mut served_by = Vec::new();
+    for _ in 0..2 {
+        let (status, headers, body) = support::post(&url, &[], support::CHAT).await;
+        assert_eq!(status, 200);
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["model"], headers["x-fallback-model"].to_str().unwrap());
+        served_by.push(headers["x-fallback-target"].to_str().unwrap().to_owned());
+    }
+    // The flaky primary answers 503 to every other request: the first falls back.
+    assert_eq!(served_by, ["steady", "flaky"]);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the demo exits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success());
+}
