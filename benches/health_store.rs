@@ -75,8 +75,8 @@ where
 
 fn targets() -> [Target; 2] {
     [
-        Target::new("http://up.test/v1").unwrap().model("a"),
-        Target::new("http://up2.test/v1").unwrap().model("b"),
+        Target::new("http://up.test/v1").unwrap().with_model("a"),
+        Target::new("http://up2.test/v1").unwrap().with_model("b"),
     ]
 }
 

@@ -76,7 +76,7 @@ fn layers() -> [(&'static str, FallbackLayer); 3] {
     let target = |host: &str, model: &str| {
         Target::new(format!("http://{host}/v1"))
             .unwrap()
-            .model(model)
+            .with_model(model)
     };
     [
         (

@@ -104,11 +104,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let client = tower::Layer::layer(
         &FallbackLayer::new([
             Target::new(format!("http://{nothing_listens}/v1"))?
-                .name("down")
-                .model("model-a"),
+                .with_name("down")
+                .with_model("model-a"),
             Target::new(format!("http://{}/v1", fallback.addr))?
-                .name("up")
-                .model("model-b"),
+                .with_name("up")
+                .with_model("model-b"),
         ])?,
         OneConnectionClient,
     );

@@ -26,11 +26,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let client = ServiceBuilder::new()
         .layer(FallbackLayer::new([
             Target::new(format!("http://{}/v1", hanging.addr))?
-                .name("hanging")
-                .model("big-model"),
+                .with_name("hanging")
+                .with_model("big-model"),
             Target::new(format!("http://{}/v1", fallback.addr))?
-                .name("fallback")
-                .model("small-model"),
+                .with_name("fallback")
+                .with_model("small-model"),
         ])?)
         .timeout(Duration::from_millis(500)) // one attempt; its Elapsed moves to the next target
         .buffer(64) // RateLimit is not Clone; the buffer makes the stack shareable

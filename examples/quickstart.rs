@@ -47,12 +47,12 @@ async fn main() -> Result<(), BoxError> {
 
     let layer = FallbackLayer::new([
         Target::new(format!("http://{}/v1", primary.addr))?
-            .name("primary")
-            .model("gpt-4o-mini")
+            .with_name("primary")
+            .with_model("gpt-4o-mini")
             .bearer("demo-key-primary")?,
         Target::new(format!("http://{}/v1", fallback.addr))?
-            .name("fallback")
-            .model("claude-3-5-haiku")
+            .with_name("fallback")
+            .with_model("claude-3-5-haiku")
             .bearer("demo-key-fallback")?,
     ])?;
     let client = ServiceBuilder::new()

@@ -34,7 +34,7 @@ use crate::target::Target;
 /// }"#).unwrap();
 /// let env = |name: &str| Some(format!("key-for-{name}"));
 /// let layer = config.layer_with_env(env).unwrap();
-/// assert_eq!(layer.targets()[1].get_name(), "openai");
+/// assert_eq!(layer.targets()[1].name(), "openai");
 ///
 /// let err = FallbackConfig::from_json(br#"{"targets": [{"base_url": "https://a.example", "modle": "x"}]}"#)
 ///     .unwrap_err();
@@ -610,10 +610,10 @@ impl TargetConfig {
     ) -> Result<Target, ConfigError> {
         let mut target = Target::new(&self.base_url)?;
         if let Some(name) = &self.name {
-            target = target.name(name);
+            target = target.with_name(name);
         }
         if let Some(model) = &self.model {
-            target = target.model(model);
+            target = target.with_model(model);
         }
         let key = match (&self.api_key_env, &self.api_key) {
             (Some(_), Some(_)) => {
@@ -840,12 +840,9 @@ mod tests {
         )
         .unwrap();
         let targets = layer.targets();
-        assert_eq!(
-            (targets[0].get_name(), targets[0].get_model()),
-            ("a", Some("m1"))
-        );
+        assert_eq!((targets[0].name(), targets[0].model()), ("a", Some("m1")));
         assert_eq!(targets[0].credentials[0].1, "Bearer ka");
-        assert_eq!(targets[1].get_name(), "b.example");
+        assert_eq!(targets[1].name(), "b.example");
         assert_eq!(targets[1].credentials[0].0, "x-api-key");
         assert_eq!(targets[1].headers[0].0, "anthropic-version");
     }

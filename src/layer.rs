@@ -35,8 +35,8 @@ pub const DEFAULT_ERROR_BODY_LIMIT: usize = 8 * 1024;
 ///
 /// # fn main() -> Result<(), tower_model_fallback::ConfigError> {
 /// let layer = FallbackLayer::new([
-///     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini").bearer("key-1")?,
-///     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini").bearer("key-2")?,
+///     Target::new("https://api.cometapi.com/v1")?.with_model("gpt-4o-mini").bearer("key-1")?,
+///     Target::new("https://api.openai.com/v1")?.with_model("gpt-4o-mini").bearer("key-2")?,
 /// ])?
 /// .max_body_bytes(4 * 1024 * 1024);
 /// assert_eq!(layer.targets().len(), 2);
@@ -243,8 +243,8 @@ impl FallbackLayer {
     ///   {"id": "small", "pricing": {"input": 0.15, "output": 0.6}},
     ///   {"id": "large", "pricing": {"input": 5.0, "output": 15.0}}]}"#).unwrap();
     /// let targets = || [
-    ///     Target::new("https://a.example/v1").unwrap().model("small"),
-    ///     Target::new("https://b.example/v1").unwrap().model("large"),
+    ///     Target::new("https://a.example/v1").unwrap().with_model("small"),
+    ///     Target::new("https://b.example/v1").unwrap().with_model("large"),
     /// ];
     /// let refused = FallbackLayer::new(targets()).unwrap().catalog(catalog.clone(), PriceGuard::refuse_above(3.0));
     /// assert!(refused.unwrap_err().to_string().starts_with("targets[1].model: large costs 26.7x"));
@@ -258,7 +258,7 @@ impl FallbackLayer {
     ) -> Result<Self, ConfigError> {
         let targets = &self.shared.targets;
         let price = |t: &Target| {
-            t.get_model()
+            t.model()
                 .and_then(|m| catalog.price(m))
                 .and_then(|p| p.comparable())
         };
@@ -268,7 +268,7 @@ impl FallbackLayer {
                 let (Some(base), Some(this)) = (base, price(target)) else {
                     tracing::warn!(
                         target: "tower_model_fallback",
-                        target_name = target.get_name(),
+                        target_name = target.name(),
                         "no price in the catalog to compare this fallback with the primary",
                     );
                     continue;
@@ -283,14 +283,14 @@ impl FallbackLayer {
                 }
                 let problem = format!(
                     "{} costs {factor:.1}x the primary ({}), above the limit of {}x",
-                    target.get_model().unwrap_or("?"),
-                    primary.get_model().unwrap_or("?"),
+                    target.model().unwrap_or("?"),
+                    primary.model().unwrap_or("?"),
                     guard.max_factor
                 );
                 if guard.refuse {
                     return Err(ConfigError::new("model", problem).within(format!("targets[{i}]")));
                 }
-                tracing::warn!(target: "tower_model_fallback", target_name = target.get_name(), "{problem}");
+                tracing::warn!(target: "tower_model_fallback", target_name = target.name(), "{problem}");
             }
         }
         Arc::make_mut(&mut self.shared).catalog = Some(Arc::new(catalog));

@@ -20,8 +20,8 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let layer = FallbackLayer::new([
-//!     Target::new("https://api.cometapi.com/v1")?.name("cometapi").model("gpt-4o-mini").bearer("key-1")?,
-//!     Target::new("https://api.openai.com/v1")?.name("openai").model("gpt-4o-mini").bearer("key-2")?,
+//!     Target::new("https://api.cometapi.com/v1")?.with_name("cometapi").with_model("gpt-4o-mini").bearer("key-1")?,
+//!     Target::new("https://api.openai.com/v1")?.with_name("openai").with_model("gpt-4o-mini").bearer("key-2")?,
 //! ])?;
 //!
 //! // Any HTTP client service works; here a stand-in whose first provider is overloaded.
@@ -106,8 +106,8 @@
 //!
 //! # fn main() -> Result<(), tower_model_fallback::ConfigError> {
 //! let layer = FallbackLayer::new([
-//!     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini"),
-//!     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini"),
+//!     Target::new("https://api.cometapi.com/v1")?.with_model("gpt-4o-mini"),
+//!     Target::new("https://api.openai.com/v1")?.with_model("gpt-4o-mini"),
 //! ])?
 //! .retries(Retries::new(2))
 //! .cooldowns(Cooldowns::new())

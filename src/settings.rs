@@ -47,7 +47,7 @@ pub(crate) fn target_key(target: &Target) -> Box<str> {
         "{}|{}|{}",
         target.name,
         target.base_url(),
-        target.get_model().unwrap_or("")
+        target.model().unwrap_or("")
     );
     if !target.credentials.is_empty() {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -71,7 +71,7 @@ mod tests {
         let target = || {
             Target::new("https://api.example.com/v1")
                 .unwrap()
-                .model("m")
+                .with_model("m")
         };
         let one = target_key(&target().bearer("sk-one-secret").unwrap());
         let two = target_key(&target().bearer("sk-two-secret").unwrap());

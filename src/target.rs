@@ -24,10 +24,10 @@ use crate::error::ConfigError;
 ///
 /// # fn main() -> Result<(), tower_model_fallback::ConfigError> {
 /// let primary = Target::new("https://api.cometapi.com/v1")?
-///     .name("cometapi")
-///     .model("gpt-4o-mini")
+///     .with_name("cometapi")
+///     .with_model("gpt-4o-mini")
 ///     .bearer("sk-secret")?;
-/// assert_eq!(primary.get_name(), "cometapi");
+/// assert_eq!(primary.name(), "cometapi");
 /// assert!(!format!("{primary:?}").contains("sk-secret"));
 ///
 /// assert!(Target::new("api.openai.com/v1").is_err()); // no scheme: an error now, not at request time
@@ -126,14 +126,14 @@ impl Target {
     }
 
     /// The name shown in reports, errors and logs (default: the base URL's host).
-    pub fn name(mut self, name: impl Into<String>) -> Self {
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Arc::from(name.into());
         self
     }
 
     /// The model ID written into the request body's top-level `"model"` member for this target.
     /// Without it, the caller's model is sent unchanged.
-    pub fn model(mut self, model: impl Into<String>) -> Self {
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
         let id: String = model.into();
         self.model = Some(TargetModel {
             literal: ModelLiteral::new(&id),
@@ -217,12 +217,12 @@ impl Target {
     }
 
     /// The display name.
-    pub fn get_name(&self) -> &str {
+    pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The model ID this target substitutes, if any.
-    pub fn get_model(&self) -> Option<&str> {
+    pub fn model(&self) -> Option<&str> {
         self.model.as_ref().map(|m| &*m.id)
     }
 
@@ -337,7 +337,7 @@ impl fmt::Debug for Target {
         f.debug_struct("Target")
             .field("name", &self.name)
             .field("base_url", &self.base_url())
-            .field("model", &self.get_model())
+            .field("model", &self.model())
             .field("credentials", &credentials)
             .field(
                 "headers",
@@ -443,7 +443,7 @@ mod tests {
         assert!(azure
             .uri_for(&PathAndQuery::from_static("/chat/completions"), None)
             .is_err());
-        assert_eq!(root.get_name(), "127.0.0.1");
+        assert_eq!(root.name(), "127.0.0.1");
         assert_eq!(root.host, "127.0.0.1:8080");
     }
 

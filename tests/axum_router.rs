@@ -36,7 +36,9 @@ async fn a_router_service_falls_back_and_turns_errors_into_responses() {
     let fallback = Upstream::chat("via axum").await;
     let layer = FallbackLayer::new([
         Target::new(primary.url_with("/v1")).unwrap(),
-        Target::new(fallback.url_with("/v1")).unwrap().model("b"),
+        Target::new(fallback.url_with("/v1"))
+            .unwrap()
+            .with_model("b"),
     ])
     .unwrap()
     .max_body_bytes(64);

@@ -28,7 +28,7 @@ where
 
 async fn one_target() -> (Upstream, FallbackLayer) {
     let up = Upstream::chat("should not be called").await;
-    let layer = FallbackLayer::new([Target::new(up.url()).unwrap().model("m")]).unwrap();
+    let layer = FallbackLayer::new([Target::new(up.url()).unwrap().with_model("m")]).unwrap();
     (up, layer)
 }
 

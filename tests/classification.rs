@@ -19,12 +19,12 @@ fn two_targets(primary: &Upstream, fallback: &Upstream) -> FallbackLayer {
     FallbackLayer::new([
         Target::new(primary.url_with("/v1"))
             .unwrap()
-            .name("primary")
-            .model("model-a"),
+            .with_name("primary")
+            .with_model("model-a"),
         Target::new(fallback.url_with("/v1"))
             .unwrap()
-            .name("fallback")
-            .model("model-b"),
+            .with_name("fallback")
+            .with_model("model-b"),
     ])
     .unwrap()
 }
@@ -179,10 +179,10 @@ async fn connection_refused_moves_to_the_next_target() {
     let layer = FallbackLayer::new([
         Target::new(format!("http://{dead}/v1"))
             .unwrap()
-            .name("dead"),
+            .with_name("dead"),
         Target::new(fallback.url_with("/v1"))
             .unwrap()
-            .name("fallback"),
+            .with_name("fallback"),
     ])
     .unwrap();
     let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();
@@ -203,10 +203,10 @@ async fn a_connection_closed_before_the_response_moves_to_the_next_target() {
     let layer = FallbackLayer::new([
         Target::new(format!("http://{addr}/v1"))
             .unwrap()
-            .name("flaky"),
+            .with_name("flaky"),
         Target::new(fallback.url_with("/v1"))
             .unwrap()
-            .name("fallback"),
+            .with_name("fallback"),
     ])
     .unwrap();
     let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();

@@ -21,12 +21,12 @@ async fn when_every_target_answers_503_the_last_response_is_handed_back_with_the
     let layer = FallbackLayer::new([
         Target::new(a.url_with("/v1"))
             .unwrap()
-            .name("a")
-            .model("ma"),
+            .with_name("a")
+            .with_model("ma"),
         Target::new(b.url_with("/v1"))
             .unwrap()
-            .name("b")
-            .model("mb"),
+            .with_name("b")
+            .with_model("mb"),
     ])
     .unwrap();
     let response = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap();
@@ -75,12 +75,12 @@ async fn when_the_last_failure_is_a_transport_error_the_error_lists_every_attemp
     let layer = FallbackLayer::new([
         Target::new(a.url_with("/v1"))
             .unwrap()
-            .name("primary")
-            .model("gpt-x"),
+            .with_name("primary")
+            .with_model("gpt-x"),
         Target::new(format!("http://{dead}/v1"))
             .unwrap()
-            .name("backup")
-            .model("gpt-y"),
+            .with_name("backup")
+            .with_model("gpt-y"),
     ])
     .unwrap();
     let err = stack(&layer).oneshot(chat_request(CHAT)).await.unwrap_err();

@@ -25,10 +25,10 @@ fn stack(
     let layer = FallbackLayer::new([
         Target::new(format!("http://{primary}/v1"))
             .unwrap()
-            .name("primary"),
+            .with_name("primary"),
         Target::new(format!("http://{fallback}/v1"))
             .unwrap()
-            .name("fallback"),
+            .with_name("fallback"),
     ])
     .unwrap()
     .first_byte_timeout(Duration::from_millis(300));

@@ -115,10 +115,10 @@ fn layer(primary: SocketAddr, fallback: &Upstream) -> FallbackLayer {
     FallbackLayer::new([
         Target::new(format!("http://{primary}/v1"))
             .unwrap()
-            .name("hostile"),
+            .with_name("hostile"),
         Target::new(fallback.url() + "/v1")
             .unwrap()
-            .name("fallback"),
+            .with_name("fallback"),
     ])
     .unwrap()
 }

@@ -69,7 +69,7 @@ async fn a_non_streamed_answer_reports_its_usage_and_estimated_cost() {
         "/tests/fixtures/models.json"
     ))
     .unwrap();
-    let layer = FallbackLayer::new([Target::new(up.url()).unwrap().model("gpt-4o-mini")])
+    let layer = FallbackLayer::new([Target::new(up.url()).unwrap().with_model("gpt-4o-mini")])
         .unwrap()
         .catalog(catalog, PriceGuard::warn_above(5.0))
         .unwrap();
@@ -112,11 +112,13 @@ fn a_fallback_priced_above_the_factor_is_refused_or_warned_about() {
         [
             Target::new("https://a.example/v1")
                 .unwrap()
-                .model("gpt-4o-mini"),
+                .with_model("gpt-4o-mini"),
             Target::new("https://b.example/v1")
                 .unwrap()
-                .model("deepseek-v4-pro"),
-            Target::new("https://c.example/v1").unwrap().model("gpt-4o"),
+                .with_model("deepseek-v4-pro"),
+            Target::new("https://c.example/v1")
+                .unwrap()
+                .with_model("gpt-4o"),
         ]
     };
     let err = FallbackLayer::new(targets())
@@ -172,10 +174,10 @@ async fn a_multipart_body_gets_its_model_part_substituted_on_the_wire() {
     let layer = FallbackLayer::new([
         Target::new(primary.url_with("/v1"))
             .unwrap()
-            .model("whisper-1"),
+            .with_model("whisper-1"),
         Target::new(fallback.url_with("/v1"))
             .unwrap()
-            .model("gpt-4o-transcribe"),
+            .with_model("gpt-4o-transcribe"),
     ])
     .unwrap();
     let body = "--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF....model\r\n--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n--b0undary--\r\n";
@@ -206,7 +208,7 @@ async fn a_model_in_the_base_url_is_filled_in_per_target() {
     let layer = FallbackLayer::new([
         Target::new(format!("{}/openai/deployments/{{model}}", azure.url()))
             .unwrap()
-            .model("gpt-4o mini"),
+            .with_model("gpt-4o mini"),
         Target::new(format!("{}/openai/deployments/{{model}}", azure.url())).unwrap(),
     ])
     .unwrap();

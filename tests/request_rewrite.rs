@@ -19,14 +19,14 @@ async fn after_a_503_the_fallback_gets_its_own_model_and_key_and_the_callers_byt
     let layer = FallbackLayer::new([
         Target::new(primary.url_with("/v1"))
             .unwrap()
-            .name("primary")
-            .model("model-a")
+            .with_name("primary")
+            .with_model("model-a")
             .bearer("key-primary")
             .unwrap(),
         Target::new(fallback.url_with("/v1"))
             .unwrap()
-            .name("fallback")
-            .model("model-\"b\"")
+            .with_name("fallback")
+            .with_model("model-\"b\"")
             .api_key_header("x-api-key", "key-fallback")
             .unwrap()
             .header("x-target-only", "fallback")
@@ -108,8 +108,10 @@ async fn a_target_without_a_model_sends_the_callers_model_and_the_report_says_so
 #[tokio::test]
 async fn a_body_without_a_model_gets_one() {
     let primary = Upstream::chat("inserted").await;
-    let layer =
-        FallbackLayer::new([Target::new(primary.url_with("/v1")).unwrap().model("m")]).unwrap();
+    let layer = FallbackLayer::new([Target::new(primary.url_with("/v1"))
+        .unwrap()
+        .with_model("m")])
+    .unwrap();
     let response = stack(&layer)
         .oneshot(chat_request(r#"{"messages":[]}"#))
         .await
@@ -124,8 +126,10 @@ async fn a_body_without_a_model_gets_one() {
 #[tokio::test]
 async fn get_requests_and_non_json_bodies_go_through_unchanged() {
     let primary = Upstream::fixed(200, r#"{"data":[]}"#).await;
-    let layer =
-        FallbackLayer::new([Target::new(primary.url_with("/v1")).unwrap().model("m")]).unwrap();
+    let layer = FallbackLayer::new([Target::new(primary.url_with("/v1"))
+        .unwrap()
+        .with_model("m")])
+    .unwrap();
     let svc = stack(&layer);
     let get = Request::get("/models")
         .body(Full::new(Bytes::new()))
@@ -154,8 +158,10 @@ async fn get_requests_and_non_json_bodies_go_through_unchanged() {
 #[tokio::test]
 async fn duplicate_top_level_models_are_all_substituted() {
     let primary = Upstream::chat("dup").await;
-    let layer =
-        FallbackLayer::new([Target::new(primary.url_with("/v1")).unwrap().model("m")]).unwrap();
+    let layer = FallbackLayer::new([Target::new(primary.url_with("/v1"))
+        .unwrap()
+        .with_model("m")])
+    .unwrap();
     stack(&layer)
         .oneshot(chat_request(r#"{"model":"a","messages":[],"model":"b"}"#))
         .await
@@ -224,9 +230,11 @@ async fn a_compressed_body_skips_the_targets_with_a_model_of_their_own() {
     let layer = FallbackLayer::new([
         Target::new(with_model.url())
             .unwrap()
-            .name("pinned")
-            .model("their-model"),
-        Target::new(without_model.url()).unwrap().name("as-sent"),
+            .with_name("pinned")
+            .with_model("their-model"),
+        Target::new(without_model.url())
+            .unwrap()
+            .with_name("as-sent"),
     ])
     .unwrap();
     let response = stack(&layer).oneshot(gzipped_request()).await.unwrap();
@@ -265,8 +273,14 @@ async fn a_compressed_body_no_target_can_take_is_an_error_and_nothing_is_sent() 
     let a = Upstream::chat("a").await;
     let b = Upstream::chat("b").await;
     let layer = FallbackLayer::new([
-        Target::new(a.url()).unwrap().name("a").model("model-a"),
-        Target::new(b.url()).unwrap().name("b").model("model-b"),
+        Target::new(a.url())
+            .unwrap()
+            .with_name("a")
+            .with_model("model-a"),
+        Target::new(b.url())
+            .unwrap()
+            .with_name("b")
+            .with_model("model-b"),
     ])
     .unwrap();
     let error = stack(&layer).oneshot(gzipped_request()).await.unwrap_err();

@@ -28,14 +28,14 @@ fn layer(primary: SocketAddr, fallback: SocketAddr) -> FallbackLayer {
     FallbackLayer::new([
         Target::new(format!("http://{primary}/v1"))
             .unwrap()
-            .name("primary")
-            .model("m-primary")
+            .with_name("primary")
+            .with_model("m-primary")
             .bearer(PRIMARY_KEY)
             .unwrap(),
         Target::new(format!("http://{fallback}/v1"))
             .unwrap()
-            .name("fallback")
-            .model("m-fallback")
+            .with_name("fallback")
+            .with_model("m-fallback")
             .api_key_header("api-key", FALLBACK_KEY)
             .unwrap(),
     ])
@@ -173,7 +173,8 @@ async fn a_model_id_cannot_inject_a_header_or_break_out_of_the_body() {
     let server = RawUpstream::start(OK, Then::Close).await;
     for base in ["/v1", "/v1/models/{model}"] {
         let layer =
-            FallbackLayer::new([Target::new(server.url() + base).unwrap().model(EVIL)]).unwrap();
+            FallbackLayer::new([Target::new(server.url() + base).unwrap().with_model(EVIL)])
+                .unwrap();
         let response = tower::Layer::layer(&layer, client())
             .oneshot(chat_request(CHAT))
             .await

@@ -283,8 +283,8 @@ async fn every_request_gets_exactly_its_expected_outcome_under_load_with_faults(
         targets.push(
             Target::new(format!("http://{addr}/v1"))
                 .unwrap()
-                .name(format!("t{t}"))
-                .model(format!("m{t}")),
+                .with_name(format!("t{t}"))
+                .with_model(format!("m{t}")),
         );
     }
     let layer = FallbackLayer::new(targets).unwrap();

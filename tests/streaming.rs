@@ -21,8 +21,14 @@ const STREAM_REQUEST: &str =
 
 fn layer(primary: String, fallback: String) -> FallbackLayer {
     FallbackLayer::new([
-        Target::new(primary).unwrap().name("primary").model("a"),
-        Target::new(fallback).unwrap().name("fallback").model("b"),
+        Target::new(primary)
+            .unwrap()
+            .with_name("primary")
+            .with_model("a"),
+        Target::new(fallback)
+            .unwrap()
+            .with_name("fallback")
+            .with_model("b"),
     ])
     .unwrap()
 }

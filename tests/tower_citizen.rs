@@ -18,8 +18,12 @@ use tower_model_fallback::{FallbackLayer, FallbackReport, ReplayBody, Target};
 
 fn two_in_process_targets() -> FallbackLayer {
     FallbackLayer::new([
-        Target::new("http://primary.test/v1").unwrap().model("a"),
-        Target::new("http://fallback.test/v1").unwrap().model("b"),
+        Target::new("http://primary.test/v1")
+            .unwrap()
+            .with_model("a"),
+        Target::new("http://fallback.test/v1")
+            .unwrap()
+            .with_model("b"),
     ])
     .unwrap()
 }

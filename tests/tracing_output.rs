@@ -50,14 +50,14 @@ async fn each_attempt_is_one_event_in_the_request_span_at_its_level_without_keys
     let layer = FallbackLayer::new([
         Target::new(primary.url())
             .unwrap()
-            .name("primary")
-            .model("m-a")
+            .with_name("primary")
+            .with_model("m-a")
             .bearer("sk-primary-secret")
             .unwrap(),
         Target::new(fallback.url())
             .unwrap()
-            .name("fallback")
-            .model("m-b")
+            .with_name("fallback")
+            .with_model("m-b")
             .api_key_header("x-api-key", "sk-fallback-secret")
             .unwrap(),
     ])

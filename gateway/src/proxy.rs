@@ -68,7 +68,7 @@ impl Gateway {
                 targets: layer
                     .targets()
                     .iter()
-                    .map(|t| t.get_name().to_owned())
+                    .map(|t| t.name().to_owned())
                     .collect(),
             }),
         })

@@ -19,8 +19,8 @@ fn layer(names: &[&str]) -> FallbackLayer {
     FallbackLayer::new(names.iter().map(|n| {
         Target::new(format!("http://{n}.test/v1"))
             .unwrap()
-            .name(*n)
-            .model(format!("{n}-model"))
+            .with_name(*n)
+            .with_model(format!("{n}-model"))
     }))
     .unwrap()
 }

@@ -155,7 +155,7 @@ impl Prepared {
             }
         });
         // A `{model}` in the base URL takes the target's model, else the caller's.
-        let url_model = target.get_model().or(self.requested_model.as_deref());
+        let url_model = target.model().or(self.requested_model.as_deref());
         let uri = target
             .uri_for(&self.path_and_query, url_model)
             .map_err(FallbackError::request)?;
@@ -395,7 +395,7 @@ mod tests {
         let p = prepare(req).unwrap();
         let target = Target::new("https://up.example/v1")
             .unwrap()
-            .model("b")
+            .with_model("b")
             .bearer("target-key")
             .unwrap();
         let plan = p.attempt(&target).unwrap();
@@ -452,7 +452,7 @@ mod tests {
 
     #[test]
     fn bodies_that_are_not_json_objects_are_sent_unchanged() {
-        let target = Target::new("http://a.example").unwrap().model("b");
+        let target = Target::new("http://a.example").unwrap().with_model("b");
         for req in [
             Request::post("/x").body(r#"[1]"#).unwrap(),
             Request::post("/x")

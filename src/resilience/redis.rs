@@ -239,8 +239,8 @@ impl Connection {
 ///     .cooldowns(Cooldowns::new().cooldown(Duration::from_secs(30)))
 ///     .refresh(Duration::from_millis(200))?;
 /// let layer = FallbackLayer::new([
-///     Target::new("https://api.cometapi.com/v1")?.model("gpt-4o-mini"),
-///     Target::new("https://api.openai.com/v1")?.model("gpt-4o-mini"),
+///     Target::new("https://api.cometapi.com/v1")?.with_model("gpt-4o-mini"),
+///     Target::new("https://api.openai.com/v1")?.with_model("gpt-4o-mini"),
 /// ])?
 /// .redis_health(store);
 /// # let _ = layer;

@@ -541,7 +541,7 @@ pub fn hosts(names: &[&str]) -> FallbackLayer {
     FallbackLayer::new(names.iter().map(|h| {
         tower_model_fallback::Target::new(format!("http://{h}/v1"))
             .unwrap()
-            .name(*h)
+            .with_name(*h)
     }))
     .unwrap()
 }
