@@ -51,11 +51,7 @@ impl Gateway {
         config.check_listen()?;
         let clients = Clients::from_config(&config.clients, &env)?;
         let layer = config.fallback.layer_with_env(&env)?;
-        let stack = stack(
-            &layer,
-            config.fallback.attempt_timeout(),
-            config.upstream_h2c,
-        );
+        let stack = stack(&layer, config.upstream_h2c);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 decompress: RequestBodyTimeout::new(

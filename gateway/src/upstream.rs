@@ -1,11 +1,10 @@
-//! The attempt service: one shared hyper client (HTTPS by ALPN, or plain HTTP; h2c when asked),
-//! bounded by the per-attempt timeout.
+//! The attempt service: one shared hyper client (HTTPS by ALPN, or plain HTTP; h2c when asked).
+//! The layer bounds each attempt (`attempt_timeout_ms`), so this service has no timer of its own.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -37,17 +36,16 @@ struct Clients {
     h2c: Option<HttpsClient>,
 }
 
-/// One attempt: the shared clients, bounded by the per-attempt timeout when there is one. Cloned
-/// for every request (the layer's clone-and-swap), so a clone is one reference count.
+/// One attempt: the shared clients. Cloned for every request (the layer's clone-and-swap), so a
+/// clone is one reference count.
 #[derive(Clone)]
 pub struct Attempt {
     clients: Arc<Clients>,
-    timeout: Option<Duration>,
 }
 
 impl Attempt {
     /// The attempt service; `h2c` speaks HTTP/2 with prior knowledge to `http://` targets.
-    pub fn new(timeout: Option<Duration>, h2c: bool) -> Attempt {
+    pub fn new(h2c: bool) -> Attempt {
         let default = Client::builder(TokioExecutor::new()).build(connector());
         let h2c = h2c.then(|| {
             Client::builder(TokioExecutor::new())
@@ -56,7 +54,6 @@ impl Attempt {
         });
         Attempt {
             clients: Arc::new(Clients { default, h2c }),
-            timeout,
         }
     }
 }
@@ -78,18 +75,15 @@ impl tower::Service<http::Request<ReplayBody>> for Attempt {
         };
         AttemptFuture {
             response: client.request(request),
-            timer: self.timeout.map(tokio::time::sleep),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An attempt in flight: the client's response future and its timeout.
+    /// An attempt in flight: the client's response future, its error made concrete.
     pub struct AttemptFuture {
         #[pin]
         response: hyper_util::client::legacy::ResponseFuture,
-        #[pin]
-        timer: Option<tokio::time::Sleep>,
     }
 }
 
@@ -97,17 +91,8 @@ impl Future for AttemptFuture {
     type Output = Result<http::Response<Incoming>, AttemptError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(result) = this.response.poll(cx) {
-            return Poll::Ready(result.map_err(|e| AttemptError(e.into())));
-        }
-        match this.timer.as_pin_mut().map(|t| t.poll(cx)) {
-            // tower's `Elapsed`, which the layer recognises as a timeout.
-            Some(Poll::Ready(())) => Poll::Ready(Err(AttemptError(Box::new(
-                tower::timeout::error::Elapsed::new(),
-            )))),
-            _ => Poll::Pending,
-        }
+        let response = self.project().response;
+        response.poll(cx).map_err(|e| AttemptError(e.into()))
     }
 }
 
@@ -133,6 +118,6 @@ impl std::error::Error for AttemptError {
 pub type Stack = Fallback<Attempt>;
 
 /// The fallback layer over a new attempt service.
-pub fn stack(layer: &FallbackLayer, attempt_timeout: Option<Duration>, h2c: bool) -> Stack {
-    tower::Layer::layer(layer, Attempt::new(attempt_timeout, h2c))
+pub fn stack(layer: &FallbackLayer, h2c: bool) -> Stack {
+    tower::Layer::layer(layer, Attempt::new(h2c))
 }
