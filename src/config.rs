@@ -13,6 +13,7 @@ use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYT
 use crate::policy::DefaultClassifier;
 use crate::resilience::Cooldowns;
 use crate::resilience::{Hedge, Retries};
+use crate::response::CommitPoint;
 use crate::target::Target;
 
 /// A [`FallbackLayer`] described as data: targets, limits and timeouts. Unknown fields are an
@@ -62,6 +63,10 @@ pub struct FallbackConfig {
     /// (default `true`).
     #[serde(default = "default_true")]
     pub wait_for_first_chunk: bool,
+    /// Where a success is committed: `"first_content"` (the default), `"first_event"` or
+    /// `"head"`; see [`CommitPoint`]. Overrides `wait_for_first_chunk` when given.
+    #[serde(default)]
+    pub commit_on: Option<CommitPoint>,
     /// Accept keys written in the file (`api_key`) rather than in the environment (default
     /// `false`).
     #[serde(default)]
@@ -480,6 +485,9 @@ impl FallbackConfig {
             .max_body_bytes(self.max_body_bytes)
             .error_body_limit(self.error_body_limit)
             .wait_for_first_chunk(self.wait_for_first_chunk);
+        if let Some(point) = self.commit_on {
+            layer = layer.commit_on(point);
+        }
         if let Some(ms) = self.first_byte_timeout_ms {
             layer = layer.first_byte_timeout(Duration::from_millis(ms));
         }
@@ -845,5 +853,28 @@ mod tests {
         assert_eq!(targets[1].name(), "b.example");
         assert_eq!(targets[1].credentials[0].0, "x-api-key");
         assert_eq!(targets[1].headers[0].0, "anthropic-version");
+    }
+
+    #[test]
+    fn commit_on_names_a_commit_point() {
+        let json = |point: &str| {
+            format!(r#"{{"targets": [{{"base_url": "http://a.example"}}], "commit_on": {point}}}"#)
+        };
+        for (point, expected) in [
+            ("\"first_content\"", CommitPoint::FirstContent),
+            ("\"first_event\"", CommitPoint::FirstEvent),
+            ("\"head\"", CommitPoint::Head),
+        ] {
+            let layer = build(&json(point), &[]).unwrap();
+            assert_eq!(layer.shared().commit_on, expected, "{point}");
+        }
+        let err = build(&json("\"first_byte\""), &[]).unwrap_err();
+        assert_eq!(err.field(), "commit_on");
+        let off = build(
+            r#"{"targets": [{"base_url": "http://a.example"}], "wait_for_first_chunk": false}"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(off.shared().commit_on, CommitPoint::Head);
     }
 }

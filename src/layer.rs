@@ -15,6 +15,7 @@ use crate::policy::{Classify, DefaultClassifier};
 use crate::resilience::health::{Bound, Cooldowns, HealthStore, TargetId};
 use crate::resilience::Stats;
 use crate::resilience::{Hedge, Retries};
+use crate::response::CommitPoint;
 use crate::service::Fallback;
 use crate::settings::{target_key, Shared};
 use crate::target::Target;
@@ -67,7 +68,7 @@ impl FallbackLayer {
                 classifier: Arc::new(DefaultClassifier::new()),
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
-                wait_for_first_chunk: true,
+                commit_on: CommitPoint::FirstContent,
                 first_byte_timeout: None,
                 attempt_timeout: None,
                 retries: Retries::default(),
@@ -99,17 +100,29 @@ impl FallbackLayer {
         self
     }
 
-    /// Where the layer commits to a successful response (default `true`: at its first chunk).
+    /// Where the layer commits to a successful response (default
+    /// [`CommitPoint::FirstContent`]).
     ///
-    /// With `true`, a 2xx head is held until the first body chunk arrives (for
-    /// `text/event-stream`, until the first complete event). If the body fails before that — the
-    /// connection drops, the [first-byte timeout](FallbackLayer::first_byte_timeout) passes, or
-    /// the stream opens with an error event such as `data: {"error": …}` — the next target is
-    /// still tried. With `false`, the layer commits as soon as the head arrives. Either way,
-    /// once a byte has reached the caller, an upstream failure is an error on the response body.
-    pub fn wait_for_first_chunk(mut self, wait: bool) -> Self {
-        Arc::make_mut(&mut self.shared).wait_for_first_chunk = wait;
+    /// Until then a 2xx head and what followed it are held, bounded (64 KiB, and the
+    /// [first-byte timeout](FallbackLayer::first_byte_timeout)); if the body fails before — the
+    /// connection drops, the first-byte timeout passes with nothing read, the stream ends or
+    /// sends an error event such as `data: {"error": …}` or Anthropic's `overloaded_error` —
+    /// what was held is dropped and the next target is tried. With [`CommitPoint::Head`], the
+    /// layer commits as soon as the head arrives. Either way, once a byte has reached the
+    /// caller, an upstream failure is an error on the response body.
+    pub fn commit_on(mut self, point: CommitPoint) -> Self {
+        Arc::make_mut(&mut self.shared).commit_on = point;
         self
+    }
+
+    /// `true`: [`CommitPoint::FirstContent`] (the default); `false`: [`CommitPoint::Head`].
+    /// Kept for configs written before [`commit_on`](FallbackLayer::commit_on).
+    pub fn wait_for_first_chunk(self, wait: bool) -> Self {
+        self.commit_on(if wait {
+            CommitPoint::FirstContent
+        } else {
+            CommitPoint::Head
+        })
     }
 
     /// How long one attempt may wait for its response head before it counts as timed out and

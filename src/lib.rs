@@ -176,7 +176,7 @@ pub use resilience::{
 };
 #[cfg(feature = "redis")]
 pub use resilience::{RedisBudget, RedisHealth};
-pub use response::ResponseBody;
+pub use response::{CommitPoint, ResponseBody};
 pub use service::Fallback;
 pub use target::Target;
 

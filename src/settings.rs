@@ -21,7 +21,7 @@ pub(crate) struct Shared {
     pub(crate) classifier: Arc<dyn Classify>,
     pub(crate) max_body_bytes: usize,
     pub(crate) error_body_limit: usize,
-    pub(crate) wait_for_first_chunk: bool,
+    pub(crate) commit_on: crate::response::CommitPoint,
     pub(crate) first_byte_timeout: Option<std::time::Duration>,
     /// Bounds one attempt's wait for its response head.
     pub(crate) attempt_timeout: Option<Duration>,

@@ -372,30 +372,11 @@ async fn an_unrecognised_inner_error_is_returned_without_trying_the_next_target(
     );
 }
 
-/// A body that sends a little, then nothing ever again.
-struct Stalls(bool);
-impl http_body::Body for Stalls {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        if std::mem::replace(&mut self.0, true) {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
-                b"{\"error\":",
-            )))))
-        }
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn an_error_body_that_stalls_is_classified_on_what_arrived_within_ten_seconds() {
     let inner = tower::service_fn(|req: Request<ReplayBody>| async move {
         let body = if req.uri().host() == Some("primary.test") {
-            http_body_util::Either::Left(Stalls(false))
+            http_body_util::Either::Left(Stalled(Some(Bytes::from_static(b"{\"error\":"))))
         } else {
             http_body_util::Either::Right(Full::new(Bytes::from_static(b"ok")))
         };

@@ -20,17 +20,7 @@ const STREAM_REQUEST: &str =
     r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
 
 fn layer(primary: String, fallback: String) -> FallbackLayer {
-    FallbackLayer::new([
-        Target::new(primary)
-            .unwrap()
-            .with_name("primary")
-            .with_model("a"),
-        Target::new(fallback)
-            .unwrap()
-            .with_name("fallback")
-            .with_model("b"),
-    ])
-    .unwrap()
+    primary_and_fallback(primary, fallback)
 }
 
 /// A fallback that streams two SSE events and `[DONE]`.
@@ -55,23 +45,6 @@ async fn streaming_fallback() -> Upstream {
         response
     })
     .await
-}
-
-async fn report_and_body<B>(response: Response<B>) -> (FallbackReport, Result<String, String>)
-where
-    B: Body<Data = Bytes>,
-    B::Error: std::fmt::Display,
-{
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
-    let body = match response.into_body().collect().await {
-        Ok(c) => Ok(String::from_utf8(c.to_bytes().to_vec()).unwrap()),
-        Err(e) => Err(e.to_string()),
-    };
-    (report, body)
 }
 
 #[tokio::test]
@@ -281,35 +254,17 @@ async fn with_hedging_on_every_target_dropping_before_the_first_chunk_is_an_erro
         .all(|a| matches!(a.outcome(), AttemptOutcome::BodyFailed { .. })));
 }
 
-/// A body that yields nothing, ever.
-struct Silent;
-impl Body for Silent {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Pending
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_first_byte_timeout_is_exact_on_a_paused_clock() {
     let inner = tower::service_fn(|req: Request<ReplayBody>| async move {
         let body = if req.uri().host() == Some("slow.test") {
-            http_body_util::Either::Left(Silent)
+            http_body_util::Either::Left(Stalled(None))
         } else {
             http_body_util::Either::Right(http_body_util::Full::new(Bytes::from_static(b"ok")))
         };
         Ok::<_, std::convert::Infallible>(Response::new(body))
     });
-    let layer = FallbackLayer::new([
-        Target::new("http://slow.test").unwrap(),
-        Target::new("http://fast.test").unwrap(),
-    ])
-    .unwrap()
-    .first_byte_timeout(Duration::from_secs(7));
+    let layer = slow_then_fast(Duration::from_secs(7));
     let started = tokio::time::Instant::now();
     let response = tower::Layer::layer(&layer, inner)
         .oneshot(chat_request(CHAT))

@@ -10,7 +10,8 @@ use super::peek::{Peek, Purpose, Stop};
 use crate::error::{error_chain, BoxError};
 use crate::policy::{hints, Decision, ErrorKind, Outcome};
 use crate::report::AttemptOutcome;
-use crate::response::sse;
+use crate::response::sse::Found;
+use crate::response::{sse, CommitPoint};
 use crate::settings::Shared;
 
 /// An attempt's outcome, assessed: what happened, what the policy says, what there is to hand
@@ -57,10 +58,11 @@ pub(crate) fn head<R: Body>(response: Response<R>, shared: &Shared) -> Head<R> {
         headers: response.headers(),
         body: None,
     });
-    let peek = Peek::new(response);
+    let mut peek = Peek::new(response);
+    peek.first_event = shared.commit_on == CommitPoint::FirstEvent;
     if decision == Decision::Return
         && status.is_success()
-        && shared.wait_for_first_chunk
+        && shared.commit_on != CommitPoint::Head
         && !peek.body_at_end()
     {
         return Head::Read(peek, Purpose::Commit);
@@ -76,7 +78,7 @@ pub(crate) fn head<R: Body>(response: Response<R>, shared: &Shared) -> Head<R> {
 
 /// Decides on a response whose body's start was read (or failed, or timed out).
 pub(crate) fn body<R: Body>(
-    peek: Peek<R>,
+    mut peek: Peek<R>,
     purpose: Purpose,
     stop: Stop,
     shared: &Shared,
@@ -94,6 +96,11 @@ pub(crate) fn body<R: Body>(
         return response_assessed(peek, outcome, decision, Some(&bytes), shared);
     }
     let failure = match stop {
+        // A stream that sent its preamble but no content within the first-byte timeout is
+        // slow, not gone: it commits.
+        Stop::TimedOut if peek.event_stream && !peek.contiguous().is_empty() => {
+            return committed(peek, shared)
+        }
         Stop::TimedOut => Some((
             Box::new(tower::timeout::error::Elapsed::new()) as BoxError,
             "no first byte within the first-byte timeout".to_owned(),
@@ -101,7 +108,7 @@ pub(crate) fn body<R: Body>(
         Stop::Failed | Stop::Enough if peek.error.is_some() => None,
         Stop::Failed | Stop::Enough if peek.ended_early() => {
             let what = if peek.event_stream {
-                "the stream ended before its first event"
+                "the stream ended before its first content event"
             } else {
                 "the body ended before its first byte"
             };
@@ -110,7 +117,6 @@ pub(crate) fn body<R: Body>(
         }
         Stop::Failed | Stop::Enough => return committed(peek, shared),
     };
-    let mut peek = peek;
     let (error, message) = match failure {
         Some(failure) => failure,
         None => {
@@ -147,14 +153,12 @@ pub(crate) fn body<R: Body>(
 /// A success read up to its commit point: handed back, unless a stream opens with an error.
 // Inlined: the response is moved into place once rather than through each call.
 #[inline(always)]
-fn committed<R: Body>(peek: Peek<R>, shared: &Shared) -> Assessed<R> {
+fn committed<R: Body>(mut peek: Peek<R>, shared: &Shared) -> Assessed<R> {
     let status = peek.head.status;
-    let event = if peek.event_stream {
-        sse::error_event(&peek.contiguous())
-    } else {
-        None
-    };
-    let Some(event) = event else {
+    if peek.event_stream {
+        peek.scan();
+    }
+    let Found::Error(event) = std::mem::replace(&mut peek.found, Found::Content) else {
         return Assessed {
             outcome: AttemptOutcome::Status(status),
             decision: Decision::Return,
@@ -163,24 +167,27 @@ fn committed<R: Body>(peek: Peek<R>, shared: &Shared) -> Assessed<R> {
             retry_after: None,
         };
     };
+    let (stands_for, code) = sse::error_status(&event);
     let decision = shared.classifier.classify(&Outcome::ErrorEvent {
         status,
         headers: &peek.head.headers,
         event: &event,
+        stands_for,
+        code: code.as_deref(),
     });
-    let outcome = AttemptOutcome::ErrorEvent {
-        status,
-        code: crate::policy::error_code(&event),
+    let (cooldown, retry_after) = if decision.is_retryable() {
+        let head = &peek.head.headers;
+        let quota = shared.quota_cooldown;
+        let cooldown = hints::cooldown(stands_for, head, code.as_deref(), quota);
+        (cooldown, hints::retry_after(head))
+    } else {
+        (None, None)
     };
-    let retry_after = decision
-        .is_retryable()
-        .then(|| hints::retry_after(&peek.head.headers))
-        .flatten();
     Assessed {
-        outcome,
+        outcome: AttemptOutcome::ErrorEvent { status, code },
         decision,
         answer: Answer::Response(peek),
-        cooldown: None,
+        cooldown,
         retry_after,
     }
 }
@@ -197,7 +204,12 @@ fn response_assessed<R: Body>(
     let (cooldown, retry_after) = if decision.is_retryable() {
         let head = &peek.head;
         (
-            hints::cooldown(head.status, &head.headers, body, shared.quota_cooldown),
+            hints::cooldown(
+                head.status,
+                &head.headers,
+                body.and_then(crate::policy::error_code).as_deref(),
+                shared.quota_cooldown,
+            ),
             hints::retry_after(&head.headers),
         )
     } else {

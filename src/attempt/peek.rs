@@ -12,11 +12,11 @@ use http_body::Body;
 use crate::error::BoxError;
 use crate::report::BodyCells;
 use crate::response::body::{Frames, ResponseBody};
-use crate::response::sse;
+use crate::response::sse::{self, Dialect, Found};
 use crate::response::usage::UsageMeter;
 
 /// How much of a success is held, at most, while waiting for its commit point (the first chunk,
-/// or the first complete event of a stream). Separate from the error-body limit: a layer that
+/// or a stream's first content event): a stream whose preamble reaches it commits there. Separate from the error-body limit: a layer that
 /// reads no error body still falls back when a success dies before its first byte.
 pub(crate) const COMMIT_READ_LIMIT: usize = 64 * 1024;
 
@@ -48,8 +48,15 @@ pub(crate) struct Peek<R: Body> {
     read: usize,
     pub(crate) error: Option<BoxError>,
     pub(crate) ended: bool,
-    /// A `text/event-stream`: its commit point is its first complete event.
+    /// A `text/event-stream`: its commit point is its first content event (or first event).
     pub(crate) event_stream: bool,
+    /// Any complete event commits (`CommitPoint::FirstEvent`), not only content.
+    pub(crate) first_event: bool,
+    /// What the read so far shows of the stream's commit point, as of `scanned_at` bytes read.
+    pub(crate) found: Found,
+    scanned_at: usize,
+    /// The stream's wire format, once an event shows it.
+    pub(crate) dialect: Option<Dialect>,
 }
 
 impl<R: Body> Peek<R> {
@@ -64,6 +71,10 @@ impl<R: Body> Peek<R> {
             error: None,
             ended: false,
             event_stream,
+            first_event: false,
+            found: Found::Preamble { scanned: 0 },
+            scanned_at: 0,
+            dialect: None,
         }
     }
 
@@ -73,13 +84,15 @@ impl<R: Body> Peek<R> {
     }
 
     /// Whether the body ended, cleanly, before its commit point: a stream before its first
-    /// complete event, or an announced body before its first byte. Nothing can be handed back.
-    pub(crate) fn ended_early(&self) -> bool {
+    /// content event (preamble alone is no answer), or an announced body before its first byte.
+    /// Nothing can be handed back.
+    pub(crate) fn ended_early(&mut self) -> bool {
         if !self.ended || self.error.is_some() {
             return false;
         }
         if self.event_stream {
-            return sse::first_event(&self.contiguous()).is_none();
+            self.scan();
+            return matches!(self.found, Found::Preamble { .. });
         }
         // Looked up only on this rare path: the head announced a body that never came.
         let announced = self
@@ -92,15 +105,32 @@ impl<R: Body> Peek<R> {
     }
 
     /// Whether enough has been read to decide.
-    fn satisfied(&self, purpose: Purpose, limit: usize) -> bool {
+    fn satisfied(&mut self, purpose: Purpose, limit: usize) -> bool {
+        if purpose == Purpose::Commit && self.event_stream {
+            self.scan();
+        }
         if self.ended || self.error.is_some() || self.read >= limit {
             return true;
         }
         match purpose {
             Purpose::Classify => false,
-            Purpose::Commit if self.event_stream => sse::first_event(&self.contiguous()).is_some(),
+            Purpose::Commit if self.event_stream => !matches!(self.found, Found::Preamble { .. }),
             Purpose::Commit => self.read > 0,
         }
+    }
+
+    /// Looks for the stream's commit point in what arrived since the last look (the preamble
+    /// already scanned is not parsed again).
+    pub(crate) fn scan(&mut self) {
+        let Found::Preamble { scanned } = self.found else {
+            return;
+        };
+        if self.scanned_at == self.read {
+            return;
+        }
+        self.scanned_at = self.read;
+        let bytes = self.contiguous();
+        self.found = sse::scan(&bytes, scanned, self.first_event, &mut self.dialect);
     }
 
     /// The bytes read so far, in one buffer (error paths and first chunks only).

@@ -32,17 +32,14 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The cooldown a failed response calls for: `quota` for an exhausted quota
-/// (`insufficient_quota` in a 429's error body), else its `Retry-After` on a 429 or 503.
+/// (`insufficient_quota` as a 429's error code), else its `Retry-After` on a 429 or 503.
 pub(crate) fn cooldown(
     status: StatusCode,
     headers: &HeaderMap,
-    body: Option<&[u8]>,
+    code: Option<&str>,
     quota: Duration,
 ) -> Option<Duration> {
-    let exhausted = || {
-        body.and_then(super::error_code)
-            .is_some_and(|c| c == "insufficient_quota")
-    };
+    let exhausted = || code == Some("insufficient_quota");
     match status {
         StatusCode::TOO_MANY_REQUESTS if exhausted() => Some(quota),
         StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => retry_after(headers),

@@ -160,8 +160,10 @@ pub enum Outcome<'a> {
         /// it with [`Classify::wants_body`].
         body: Option<&'a [u8]>,
     },
-    /// A successful, streamed (`text/event-stream`) response whose first event is an error object,
-    /// such as `data: {"error": {...}}`, before any byte of it reached the caller.
+    /// A successful, streamed (`text/event-stream`) response that sent a provider's error event
+    /// before its first content reached the caller: OpenAI's `data: {"error": {...}}`,
+    /// Anthropic's `event: error`, a Responses `error`, `response.failed` or
+    /// `response.incomplete`.
     ErrorEvent {
         /// The response status (usually 200).
         status: StatusCode,
@@ -169,6 +171,12 @@ pub enum Outcome<'a> {
         headers: &'a HeaderMap,
         /// The event's data (its `data:` lines).
         event: &'a [u8],
+        /// The status the error stands for: Anthropic's `overloaded_error` a 529,
+        /// `rate_limit_error` and `rate_limit_exceeded` a 429, `api_error` and `server_error` a
+        /// 500, `invalid_request_error` a 400, …; an error not recognised a 500.
+        stands_for: StatusCode,
+        /// The error's code (or type), when it has one.
+        code: Option<&'a str>,
     },
     /// The inner service failed without a response, or a response body failed before its first
     /// byte reached the caller (connection dropped, first-byte timeout).
@@ -213,7 +221,7 @@ pub trait Classify: Send + Sync + 'static {
 /// | an inner error: timeout, connect, closed/reset, overloaded, not HTTP, other I/O | retry same |
 /// | an inner error of a kind not recognised ([`ErrorKind::Other`]) | return (as an error) |
 /// | a success whose body fails, or times out, before its first byte | retry same |
-/// | a stream whose first event is an error (`data: {"error": …}`) | retry same |
+/// | a stream's error event before its first content | as the status it stands for (`overloaded_error`: 529, `invalid_request_error`: 400, …) |
 ///
 /// Status sets override the table (and the `x-should-retry` header):
 ///
@@ -298,6 +306,18 @@ impl DefaultClassifier {
         headers: &HeaderMap,
         body: Option<&[u8]>,
     ) -> Decision {
+        let code = body.and_then(error_code);
+        self.classify_coded(status, headers, code.as_deref(), body)
+    }
+
+    /// The table, for a status (or the status an error event stands for) and its error code.
+    fn classify_coded(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        code: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Decision {
         if status.as_u16() < 400 {
             return Decision::Return;
         }
@@ -314,8 +334,6 @@ impl DefaultClassifier {
                 _ => {}
             }
         }
-        let code = body.and_then(error_code);
-        let code = code.as_deref();
         match status.as_u16() {
             404 if code == Some("model_not_found") => Decision::NextTarget,
             // A spent quota will not come back on a retry; another provider may have one.
@@ -367,7 +385,13 @@ impl Classify for DefaultClassifier {
                 headers,
                 body,
             } => self.classify_status(status, headers, body),
-            Outcome::ErrorEvent { .. } => Decision::RetrySame,
+            Outcome::ErrorEvent {
+                headers,
+                event,
+                stands_for,
+                code,
+                ..
+            } => self.classify_coded(stands_for, headers, code, Some(event)),
             // An error the layer does not recognise as a transport failure (a local middleware's,
             // a client's own bug) would fail the same way everywhere.
             Outcome::Error {

@@ -22,7 +22,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tower_model_fallback::{Fallback, FallbackLayer, ReplayBody};
+use tower_model_fallback::{Fallback, FallbackLayer, FallbackReport, ReplayBody, Target};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ServerBody = BoxBody<Bytes, BoxError>;
@@ -562,4 +562,65 @@ pub async fn send(
         .cloned()
         .unwrap();
     (response.status(), report)
+}
+
+/// Two targets, `primary` (model `a`) and `fallback` (model `b`).
+pub fn primary_and_fallback(primary: String, fallback: String) -> FallbackLayer {
+    FallbackLayer::new([
+        Target::new(primary)
+            .unwrap()
+            .with_name("primary")
+            .with_model("a"),
+        Target::new(fallback)
+            .unwrap()
+            .with_name("fallback")
+            .with_model("b"),
+    ])
+    .unwrap()
+}
+
+/// A response's report, and its body as text (or the body's error).
+pub async fn report_and_body<B>(response: Response<B>) -> (FallbackReport, Result<String, String>)
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    let report = response
+        .extensions()
+        .get::<FallbackReport>()
+        .cloned()
+        .unwrap();
+    let body = match response.into_body().collect().await {
+        Ok(c) => Ok(String::from_utf8(c.to_bytes().to_vec()).unwrap()),
+        Err(e) => Err(e.to_string()),
+    };
+    (report, body)
+}
+
+/// A body that sends its bytes (if any), then nothing, for ever.
+pub struct Stalled(pub Option<Bytes>);
+
+impl http_body::Body for Stalled {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.0.take() {
+            Some(first) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// Two targets with no server behind them (`slow.test`, then `fast.test`), for in-process
+/// inner services, with this first-byte timeout.
+pub fn slow_then_fast(first_byte_timeout: Duration) -> FallbackLayer {
+    FallbackLayer::new([
+        Target::new("http://slow.test").unwrap(),
+        Target::new("http://fast.test").unwrap(),
+    ])
+    .unwrap()
+    .first_byte_timeout(first_byte_timeout)
 }
