@@ -3,12 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use tower::retry::budget::TpsBudget;
 
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
+use crate::group::TargetGroup;
 use crate::layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
 use crate::policy::DefaultClassifier;
 use crate::resilience::Cooldowns;
@@ -44,8 +46,9 @@ use crate::target::Target;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FallbackConfig {
-    /// The targets, in order (at least one).
-    pub targets: Vec<TargetConfig>,
+    /// The targets, in order (at least one): each a target, or a group of equivalent targets
+    /// (`{"group": "openai", "members": [{…}, {…}]}`) balanced within the group.
+    pub targets: Vec<EntryConfig>,
     /// Bound on a request body in bytes (default 33554432, 32 MiB).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
@@ -361,6 +364,115 @@ fn default_max_in_flight() -> usize {
     2
 }
 
+/// One entry of a [`FallbackConfig`]'s `targets`: a target, or a group of equivalent targets.
+/// An object whose first field is `group` or `members` is a group.
+#[derive(Debug, Clone)]
+pub enum EntryConfig {
+    /// A target on its own.
+    Target(TargetConfig),
+    /// A group of targets, balanced within the group (see [`TargetGroup`]).
+    Group(GroupConfig),
+}
+
+/// A group of a [`FallbackConfig`]: `{"group": "openai", "members": [{…}, {…}]}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// The group's name, in reports and stats.
+    pub group: String,
+    /// Its members (1 to 64), each a target with an optional `weight` (default 1).
+    pub members: Vec<TargetConfig>,
+}
+
+impl<'de> Deserialize<'de> for EntryConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(EntryVisitor)
+    }
+}
+
+/// Tells a group from a target by the first field, then hands the whole object, first field
+/// included, to the derived deserializer: errors keep their paths (`members[0].modle`).
+struct EntryVisitor;
+
+impl<'de> Visitor<'de> for EntryVisitor {
+    type Value = EntryConfig;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(r#"a target, or a group {"group": NAME, "members": [targets]}"#)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EntryConfig, A::Error> {
+        let first: Option<String> = map.next_key()?;
+        let group = matches!(first.as_deref(), Some("group" | "members"));
+        let whole = serde::de::value::MapAccessDeserializer::new(Replay { first, map });
+        if group {
+            GroupConfig::deserialize(whole).map(EntryConfig::Group)
+        } else {
+            TargetConfig::deserialize(whole).map(EntryConfig::Target)
+        }
+    }
+}
+
+/// A map whose first key was already read: it is given again, then the rest.
+struct Replay<A> {
+    first: Option<String>,
+    map: A,
+}
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for Replay<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        match self.first.take() {
+            Some(key) => seed
+                .deserialize(IntoDeserializer::<A::Error>::into_deserializer(key))
+                .map(Some),
+            None => self.map.next_key_seed(seed),
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.map.next_value_seed(seed)
+    }
+}
+
+impl EntryConfig {
+    /// The entry as a group (a target on its own is a group of one). Errors name the field
+    /// within the entry (`members[0].api_key_env`).
+    fn group(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+        allow_inline_keys: bool,
+    ) -> Result<TargetGroup, ConfigError> {
+        let config = match self {
+            EntryConfig::Target(target) => {
+                if target.weight.is_some() {
+                    return Err(ConfigError::new(
+                        "weight",
+                        "only a group's members have a weight",
+                    ));
+                }
+                return target.target(env, allow_inline_keys).map(TargetGroup::from);
+            }
+            EntryConfig::Group(config) => config,
+        };
+        if config.group.trim().is_empty() {
+            return Err(ConfigError::new("group", "must not be empty"));
+        }
+        let mut group = TargetGroup::new(&config.group);
+        for (i, member) in config.members.iter().enumerate() {
+            let target = member
+                .target(env, allow_inline_keys)
+                .map_err(|e| e.within(format!("members[{i}]")))?;
+            group = group.weighted(target, member.weight.unwrap_or(1));
+        }
+        Ok(group)
+    }
+}
+
 /// One target of a [`FallbackConfig`].
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -389,6 +501,9 @@ pub struct TargetConfig {
     /// Let the caller's own key through to this target (default `false`).
     #[serde(default)]
     pub forward_caller_credentials: bool,
+    /// A group member's weight, its relative capacity (default 1; only in a group's `members`).
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 impl std::fmt::Debug for TargetConfig {
@@ -405,6 +520,7 @@ impl std::fmt::Debug for TargetConfig {
                 "forward_caller_credentials",
                 &self.forward_caller_credentials,
             )
+            .field("weight", &self.weight)
             .finish()
     }
 }
@@ -477,7 +593,7 @@ impl FallbackConfig {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                t.target(&env, self.allow_inline_keys)
+                t.group(&env, self.allow_inline_keys)
                     .map_err(|e| e.within(format!("targets[{i}]")))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -717,6 +833,80 @@ mod tests {
             );
             assert!(!err.contains("sk-inline"));
         }
+    }
+
+    #[test]
+    fn a_group_is_accepted_wherever_a_target_is_and_its_errors_name_the_member() {
+        let a = r#"{"base_url": "http://a.example"}"#;
+        let cases = [
+            (
+                format!(
+                    r#"[{a}, {{"group": "openai", "members": [{a}, {{"base_url": "http://b.example", "api_key_env": "NOPE"}}]}}]"#
+                ),
+                "targets[1].members[1].api_key_env: environment variable NOPE is not set",
+            ),
+            (
+                r#"[{"group": "g", "members": [{"base_url": "http://b.example", "modle": "x"}]}]"#
+                    .to_owned(),
+                "targets[0].members[0].modle: unknown field",
+            ),
+            (
+                format!(r#"[{{"members": [{a}], "group": "g", "weight": 2}}]"#),
+                "targets[0].weight: unknown field",
+            ),
+            (
+                r#"[{"group": "g", "members": []}]"#.to_owned(),
+                "targets[0].members: a group needs at least one member",
+            ),
+            (
+                format!(
+                    r#"[{{"group": "g", "members": [{a}, {{"base_url": "http://b.example", "weight": 0}}]}}]"#
+                ),
+                "targets[0].members[1].weight: must be at least 1",
+            ),
+            (
+                r#"[{"base_url": "http://a.example", "weight": 2}]"#.to_owned(),
+                "targets[0].weight: only a group's members have a weight",
+            ),
+            (
+                format!(r#"[{{"group": " ", "members": [{a}]}}]"#),
+                "targets[0].group: must not be empty",
+            ),
+            (
+                format!(r#"[{{"members": [{a}]}}]"#),
+                "targets[0]: missing field `group`",
+            ),
+            (r#"[7]"#.to_owned(), "targets[0]: invalid type: integer `7`"),
+        ];
+        for (targets, expected) in cases {
+            let err = build(&format!(r#"{{"targets": {targets}}}"#), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(expected),
+                "{targets}\n  gave: {err}\n  want: {expected}"
+            );
+        }
+        let layer = build(
+            r#"{"targets": [
+                {"members": [
+                    {"name": "k1", "base_url": "http://a.example/v1", "api_key_env": "K1"},
+                    {"name": "k2", "base_url": "http://a.example/v1", "api_key_env": "K2", "weight": 3}
+                 ], "group": "openai"},
+                {"name": "other", "base_url": "http://b.example"}
+            ]}"#,
+            &[("K1", "one"), ("K2", "two")],
+        )
+        .unwrap();
+        let names: Vec<&str> = layer.targets().iter().map(|t| t.name()).collect();
+        assert_eq!(names, ["k1", "k2", "other"]);
+        let shared = layer.shared();
+        assert_eq!(&*shared.weights, &[1, 3, 1]);
+        assert_eq!(shared.group_name(1).map(|g| &**g), Some("openai"));
+        assert_eq!(shared.group_name(2), None);
+        let stats = layer.stats().snapshot();
+        assert_eq!(stats.targets[0].group.as_deref(), Some("openai"));
+        assert_eq!(stats.targets[2].group, None);
     }
 
     #[test]

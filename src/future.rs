@@ -186,7 +186,7 @@ where
             *self.deadline = Some(Box::pin(sleep));
             Some(later(now(), limit))
         });
-        let engine = Engine::start(self.shared.clone(), prepared, deadline)?;
+        let engine = Engine::start(self.shared.clone(), prepared, deadline, now())?;
         self.phase.set(Phase::Running { engine });
         // The caller polled our readiness, hence the inner service's: the first target is
         // called at once.

@@ -11,7 +11,9 @@ use tower::retry::budget::Budget;
 
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
+use crate::group::{flatten, TargetGroup};
 use crate::policy::{Classify, DefaultClassifier};
+use crate::resilience::balance::{Loads, Rng};
 use crate::resilience::health::{Bound, Cooldowns, HealthStore, TargetId};
 use crate::resilience::Stats;
 use crate::resilience::{Hedge, Retries};
@@ -50,9 +52,14 @@ pub struct FallbackLayer {
 }
 
 impl FallbackLayer {
-    /// A layer over `targets`, tried in order. At least one target is required.
-    pub fn new(targets: impl IntoIterator<Item = Target>) -> Result<Self, ConfigError> {
-        let targets: Arc<[Target]> = targets.into_iter().collect();
+    /// A layer over `targets`, tried in order: [`Target`]s, or [`TargetGroup`]s of equivalent
+    /// targets balanced within the group (a target on its own is a group of one). At least one
+    /// target is required.
+    pub fn new(
+        targets: impl IntoIterator<Item = impl Into<TargetGroup>>,
+    ) -> Result<Self, ConfigError> {
+        let flat = flatten(targets.into_iter().map(Into::into))?;
+        let targets: Arc<[Target]> = flat.targets.into();
         if targets.is_empty() {
             return Err(ConfigError::new(
                 "targets",
@@ -60,11 +67,20 @@ impl FallbackLayer {
             ));
         }
         let target_keys = targets.iter().map(target_key).collect();
-        let stats = Stats::new(targets.iter().map(|t| t.name.clone()));
+        let stats = Stats::new(targets.iter().map(|t| t.name.clone())).with_groups(
+            flat.group_of
+                .iter()
+                .map(|&g| flat.groups.get(g).and_then(|g| g.name.clone())),
+        );
         Ok(FallbackLayer {
             shared: Arc::new(Shared {
                 credential_names: crate::request::credential_names(&targets).into(),
+                loads: Arc::new(Loads::new(targets.len())),
                 targets,
+                groups: flat.groups.into(),
+                group_of: flat.group_of.into(),
+                weights: flat.weights.into(),
+                rng: Arc::new(Rng::random()),
                 classifier: Arc::new(DefaultClassifier::new()),
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
@@ -313,6 +329,13 @@ impl FallbackLayer {
     /// Races targets: see [`Hedge`] (default: sequential). Racing is billed twice.
     pub fn hedge(mut self, hedge: Hedge) -> Self {
         Arc::make_mut(&mut self.shared).hedge = Some(hedge);
+        self
+    }
+
+    /// Seeds the random draws of the choice within a group (default: a random seed per layer),
+    /// for reproducible tests and benchmarks.
+    pub fn balance_seed(mut self, seed: u64) -> Self {
+        Arc::make_mut(&mut self.shared).rng = Arc::new(Rng::seeded(seed));
         self
     }
 

@@ -147,6 +147,7 @@ mod config;
 mod engine;
 mod error;
 mod future;
+mod group;
 mod layer;
 mod media;
 mod policy;
@@ -160,10 +161,12 @@ mod target;
 
 pub use catalog::{ModelCatalog, ModelEntry, PriceGuard, Pricing};
 pub use config::{
-    BudgetConfig, CooldownConfig, FallbackConfig, HealthStoreConfig, HedgeConfig, TargetConfig,
+    BudgetConfig, CooldownConfig, EntryConfig, FallbackConfig, GroupConfig, HealthStoreConfig,
+    HedgeConfig, TargetConfig,
 };
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
+pub use group::{TargetGroup, MAX_GROUP_MEMBERS};
 pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,

@@ -156,6 +156,7 @@ impl fmt::Display for FallbackReport {
 /// request's body with its own model in it.
 #[derive(Debug, Clone)]
 pub struct Skip {
+    pub(crate) group: Option<Arc<str>>,
     pub(crate) target: Arc<str>,
     pub(crate) target_index: usize,
     pub(crate) remaining: Duration,
@@ -179,6 +180,11 @@ impl Skip {
         &self.target
     }
 
+    /// The name of the target's [group](crate::TargetGroup); `None` for a target on its own.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
     /// The target's position in the layer's list.
     pub fn target_index(&self) -> usize {
         self.target_index
@@ -198,6 +204,9 @@ impl Skip {
 
 impl fmt::Display for Skip {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(group) = &self.group {
+            write!(f, "{group}/")?;
+        }
         match self.reason {
             SkipReason::CoolingDown => write!(
                 f,
@@ -242,6 +251,7 @@ impl fmt::Display for StopReason {
 /// One attempt: which target, which model, what happened, how long it took, what was decided.
 #[derive(Debug, Clone)]
 pub struct Attempt {
+    pub(crate) group: Option<Arc<str>>,
     pub(crate) target: Arc<str>,
     pub(crate) target_index: usize,
     pub(crate) model: Option<Arc<str>>,
@@ -252,9 +262,14 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    /// The target's name.
+    /// The target's name (a member's, for a target of a group).
     pub fn target(&self) -> &str {
         &self.target
+    }
+
+    /// The name of the target's [group](crate::TargetGroup); `None` for a target on its own.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
     }
 
     /// The target's position in the layer's list (0 is the primary).
@@ -302,6 +317,9 @@ impl Attempt {
 
 impl fmt::Display for Attempt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(group) = &self.group {
+            write!(f, "{group}/")?;
+        }
         write!(f, "{}", self.target)?;
         if let Some(model) = &self.model {
             write!(f, " ({model})")?;

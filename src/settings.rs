@@ -7,7 +7,9 @@ use std::time::Duration;
 use tower::retry::budget::Budget;
 
 use crate::catalog::ModelCatalog;
+use crate::group::Group;
 use crate::policy::Classify;
+use crate::resilience::balance::{Loads, Rng};
 use crate::resilience::health::Bound;
 use crate::resilience::{Hedge, Retries, Stats};
 use crate::target::Target;
@@ -15,7 +17,16 @@ use crate::target::Target;
 /// The configuration every [`Fallback`](crate::Fallback) built by one layer shares.
 #[derive(Clone)]
 pub(crate) struct Shared {
+    /// Every target, the members of each group in turn (a target on its own is a group of one).
     pub(crate) targets: Arc<[Target]>,
+    /// The groups, in order; each names a range of `targets`.
+    pub(crate) groups: Arc<[Group]>,
+    /// For each target: its group (in `groups`) and its weight within it.
+    pub(crate) group_of: Arc<[usize]>,
+    pub(crate) weights: Arc<[u32]>,
+    /// The members' load estimates and the random source of the choice within a group.
+    pub(crate) loads: Arc<Loads>,
+    pub(crate) rng: Arc<Rng>,
     /// Header names removed from the caller's request as credentials.
     pub(crate) credential_names: Arc<[http::HeaderName]>,
     pub(crate) classifier: Arc<dyn Classify>,
@@ -42,6 +53,14 @@ pub(crate) struct Shared {
 /// short fingerprint of its credential when it has one, so that two keys for the same provider
 /// and model (two quota pools) are two targets. The fingerprint is 32 bits of FNV-1a: enough to
 /// tell keys apart, too little to say anything about a key.
+impl Shared {
+    /// The name of target `index`'s group; `None` for a target given on its own.
+    pub(crate) fn group_name(&self, index: usize) -> Option<&Arc<str>> {
+        let group = self.groups.get(*self.group_of.get(index)?)?;
+        group.name.as_ref()
+    }
+}
+
 pub(crate) fn target_key(target: &Target) -> Box<str> {
     let mut key = format!(
         "{}|{}|{}",

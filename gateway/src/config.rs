@@ -190,6 +190,29 @@ mod tests {
     }
 
     #[test]
+    fn a_group_is_accepted_as_a_target_and_its_errors_name_the_member() {
+        let json = |members: &str| {
+            format!(
+                r#"{{"targets": [{{"base_url": "http://127.0.0.1:9/v1"}}, {{"group": "openai", "members": [{members}]}}]}}"#
+            )
+        };
+        let ok = GatewayConfig::from_json(
+            json(r#"{"base_url": "http://127.0.0.1:9/v1"}, {"base_url": "http://127.0.0.1:10/v1", "weight": 2}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ok.fallback.targets.len(), 2);
+        let err = GatewayConfig::from_json(
+            json(r#"{"base_url": "http://127.0.0.1:9/v1", "modle": "m"}"#).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("targets[1].members[0].modle: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn timeouts_have_defaults_of_seconds_and_refuse_zero() {
         let target = r#""targets": [{"base_url": "http://127.0.0.1:9/v1"}]"#;
         let c = GatewayConfig::from_json(format!("{{{target}}}").as_bytes()).unwrap();

@@ -140,6 +140,7 @@ impl<R: Body> Engine<R> {
         shared: Arc<Shared>,
         prepared: Prepared,
         deadline: Option<Instant>,
+        now: Instant,
     ) -> Result<Self, FallbackError> {
         let mut report = FallbackReport {
             requested_model: prepared.requested_model.clone(),
@@ -152,10 +153,10 @@ impl<R: Body> Engine<R> {
             budget.deposit();
         }
         let mut order = Order::new(&shared);
-        let mut chosen = order.choose(&shared, &prepared, &mut report);
+        let mut chosen = order.choose(&shared, &prepared, &mut report, now);
         if chosen.is_none() {
             order.force_by_recovery(&mut report);
-            chosen = order.choose(&shared, &prepared, &mut report);
+            chosen = order.choose(&shared, &prepared, &mut report, now);
         }
         let Some(chosen) = chosen else {
             if report
@@ -237,10 +238,19 @@ impl<R: Body> Engine<R> {
         self.report.first_choice.get_or_insert(index);
         let id = self.ids;
         self.ids = self.ids.wrapping_add(1);
+        let balanced = self
+            .shared
+            .group_of
+            .get(index)
+            .and_then(|&g| self.shared.groups.get(g));
+        let load = balanced
+            .filter(|g| g.len() > 1)
+            .map(|_| self.shared.loads.start(index));
         self.flights.push(Flight {
             id,
             index,
             ticket: next.chosen.ticket,
+            load,
             model: plan.model,
             substituted: plan.substituted,
             started: now,
@@ -282,6 +292,9 @@ impl<R: Body> Engine<R> {
             };
             return self.end(ending, None, now);
         }
+        if !member_could_fix(&assessed.outcome) {
+            self.order.leave_group(&self.shared, index);
+        }
         let (decision, plan) = self.plan(index, assessed.decision, assessed.retry_after, now);
         self.record(flight, assessed.outcome, decision, now);
         self.held = Held::Last(match assessed.answer {
@@ -310,7 +323,7 @@ impl<R: Body> Engine<R> {
         if self.next.is_none() {
             match self
                 .order
-                .choose(&self.shared, &self.prepared, &mut self.report)
+                .choose(&self.shared, &self.prepared, &mut self.report, now)
             {
                 Some(chosen) => {
                     let charged = true;
@@ -361,9 +374,9 @@ impl<R: Body> Engine<R> {
             }
         }
         if self.next.is_none() {
-            let Some(chosen) = self
-                .order
-                .choose(&self.shared, &self.prepared, &mut self.report)
+            let Some(chosen) =
+                self.order
+                    .choose(&self.shared, &self.prepared, &mut self.report, now)
             else {
                 return (Decision::NextTarget, Plan::Stop(StopReason::Exhausted));
             };
@@ -529,6 +542,24 @@ impl<R: Body> Engine<R> {
             stats,
             self.report.cells(),
         )))
+    }
+}
+
+/// Whether another member of the same group could answer where this attempt failed: a rate
+/// limit, an overload, a 5xx, a timeout or a broken connection are the member's own; any other
+/// retryable failure (404 `model_not_found`, an opted-in context length or content-policy 400)
+/// is the model's, and every member serves the same model.
+fn member_could_fix(outcome: &AttemptOutcome) -> bool {
+    match outcome {
+        AttemptOutcome::Status(status) => {
+            matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
+        }
+        AttemptOutcome::ErrorEvent { code, .. } => !code
+            .as_deref()
+            .is_some_and(|c| c.contains("model_not_found") || c.contains("context_length")),
+        AttemptOutcome::Error { .. }
+        | AttemptOutcome::BodyFailed { .. }
+        | AttemptOutcome::Superseded => true,
     }
 }
 

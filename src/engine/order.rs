@@ -1,9 +1,11 @@
-//! The order of trial: the configured order, or, when every target is cooling down, the order in
-//! which they recover. Choosing the next target asks the health store and records the targets it
-//! passes over.
+//! The order of trial: the configured groups in order, a member of each chosen by
+//! power-of-two-choices, or, when every target is cooling down, the order in which they recover.
+//! Choosing the next target asks the health store and records the targets it passes over.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::group::Group;
 
 use crate::report::{FallbackReport, Skip};
 use crate::request::Prepared;
@@ -15,8 +17,10 @@ pub(crate) struct Order {
     /// The targets to try, when not the configured order. `None`, the usual case, allocates
     /// nothing.
     order: Option<Vec<usize>>,
-    /// The next position in the order.
+    /// The next position in the forced order; else the current group.
     cursor: usize,
+    /// The members of the current group tried or passed over, as bits from its first member.
+    tried: u64,
     /// Every target was cooling down: try them without asking the health store.
     forced: bool,
 }
@@ -34,6 +38,7 @@ impl Order {
         let mut order = Order {
             order: None,
             cursor: 0,
+            tried: 0,
             forced: false,
         };
         if let Some(health) = &shared.health {
@@ -49,10 +54,51 @@ impl Order {
         order
     }
 
-    fn at(&self, position: usize, targets: usize) -> Option<usize> {
-        match &self.order {
-            Some(order) => order.get(position).copied(),
-            None => (position < targets).then_some(position),
+    /// The next target to consider: the next in the forced order, or a member of the current
+    /// group not yet tried (the next group's once none is left).
+    fn next(&mut self, shared: &Shared, now: Instant) -> Option<usize> {
+        if let Some(order) = &self.order {
+            let index = order.get(self.cursor).copied();
+            self.cursor += 1;
+            return index;
+        }
+        loop {
+            let group = shared.groups.get(self.cursor)?;
+            if group.len() == 1 {
+                // The usual case, and today's cost: no draw, no load read.
+                self.cursor += 1;
+                return Some(group.start);
+            }
+            match pick(shared, group, self.tried, now) {
+                Some(index) => {
+                    self.tried |= 1 << (index - group.start);
+                    return Some(index);
+                }
+                None => {
+                    self.cursor += 1;
+                    self.tried = 0;
+                }
+            }
+        }
+    }
+
+    /// Target `index` failed in a way no other member of its group could fix (the model is
+    /// missing, the context too long): the rest of its group is passed over.
+    pub(crate) fn leave_group(&mut self, shared: &Shared, index: usize) {
+        let Some(&group) = shared.group_of.get(index) else {
+            return;
+        };
+        match &mut self.order {
+            Some(order) => {
+                let rest = order.split_off(self.cursor.min(order.len()));
+                let other = |i: &usize| shared.group_of.get(*i) != Some(&group);
+                order.extend(rest.into_iter().filter(other));
+            }
+            None if self.cursor == group => {
+                self.cursor += 1;
+                self.tried = 0;
+            }
+            None => {}
         }
     }
 
@@ -63,9 +109,9 @@ impl Order {
         shared: &Arc<Shared>,
         prepared: &Prepared,
         report: &mut FallbackReport,
+        now: Instant,
     ) -> Option<Chosen> {
-        while let Some(index) = self.at(self.cursor, shared.targets.len()) {
-            self.cursor += 1;
+        while let Some(index) = self.next(shared, now) {
             if !shared.targets.get(index).is_some_and(|t| prepared.fits(t)) {
                 let recorded = report.skipped.iter().any(|s| s.target_index == index);
                 if !recorded {
@@ -108,8 +154,44 @@ impl Order {
         cooling.sort();
         self.order = Some(cooling.into_iter().map(|(_, i)| i).collect());
         self.cursor = 0;
+        self.tried = 0;
         self.forced = true;
     }
+}
+
+/// Power-of-two-choices among the members of `group` not in `tried`: two drawn in proportion
+/// to their weights, and the one whose load per unit of weight is lower. `None` when every
+/// member was tried.
+fn pick(shared: &Shared, group: &Group, tried: u64, now: Instant) -> Option<usize> {
+    let weight = |i: usize| u64::from(shared.weights.get(i).copied().unwrap_or(1));
+    let open = |i: &usize| tried & (1 << (i - group.start)) == 0;
+    let draw = |except: Option<usize>| {
+        let candidates = (group.start..group.end)
+            .filter(open)
+            .filter(|i| Some(*i) != except);
+        let total: u64 = candidates.clone().map(weight).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = shared.rng.below(total);
+        for i in candidates {
+            match at.checked_sub(weight(i)) {
+                Some(rest) => at = rest,
+                None => return Some(i),
+            }
+        }
+        None
+    };
+    let first = draw(None)?;
+    let Some(second) = draw(Some(first)) else {
+        return Some(first);
+    };
+    let cost = |i: usize| shared.loads.cost(i, now) / weight(i) as f64;
+    Some(if cost(second) < cost(first) {
+        second
+    } else {
+        first
+    })
 }
 
 /// Why a target is passed over, with what the report says of it.
@@ -145,6 +227,7 @@ fn skip(shared: &Shared, report: &mut FallbackReport, index: usize, why: SkipRea
     };
     report.first_choice.get_or_insert(index);
     report.skipped.push(Skip {
+        group: shared.group_name(index).cloned(),
         target: target.unwrap_or_else(|| Arc::from("?")),
         target_index: index,
         remaining,

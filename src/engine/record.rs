@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::policy::Decision;
 use crate::report::{Attempt, AttemptOutcome, FallbackReport};
+use crate::resilience::balance::{InFlight, FAILURE_PENALTY};
 use crate::resilience::health::Ticket;
 use crate::resilience::stats::Tally;
 use crate::settings::Shared;
@@ -15,6 +16,8 @@ pub(crate) struct Flight {
     pub(crate) index: usize,
     /// Its standing with the health store; dropped unrecorded, it gives the admission back.
     pub(crate) ticket: Option<Ticket>,
+    /// Counted in its member's load, for a target of a group of two or more.
+    pub(crate) load: Option<InFlight>,
     pub(crate) model: Option<Arc<str>>,
     pub(crate) substituted: bool,
     pub(crate) started: Instant,
@@ -24,23 +27,33 @@ pub(crate) struct Flight {
 pub(crate) fn record(
     shared: &Shared,
     report: &mut FallbackReport,
-    flight: Flight,
+    mut flight: Flight,
     outcome: AttemptOutcome,
     decision: Decision,
     now: Instant,
 ) {
+    let elapsed = now.saturating_duration_since(flight.started);
+    if let Some(load) = flight.load.take() {
+        // A dropped hedge says nothing of its member's speed; a failure says it is no place to go.
+        match (&outcome, decision) {
+            (AttemptOutcome::Superseded, _) => {}
+            (_, Decision::Return) => load.finish(elapsed, now),
+            _ => load.finish(elapsed.max(FAILURE_PENALTY), now),
+        }
+    }
     let name = shared
         .targets
         .get(flight.index)
         .map(|t| t.name.clone())
         .unwrap_or_else(|| Arc::from("?"));
     let attempt = Attempt {
+        group: shared.group_name(flight.index).cloned(),
         target: name,
         target_index: flight.index,
         model: flight.model,
         substituted: flight.substituted,
         outcome,
-        elapsed: now.saturating_duration_since(flight.started),
+        elapsed,
         decision,
     };
     if shared.record_stats {

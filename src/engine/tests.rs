@@ -11,7 +11,7 @@ use tower::retry::budget::Budget;
 use super::*;
 use crate::attempt::Assessed;
 use crate::resilience::{Admission, HealthStore, Hedge, Retries, TargetId};
-use crate::{FallbackLayer, Target};
+use crate::{FallbackLayer, Target, TargetGroup};
 
 type Body = Full<Bytes>;
 
@@ -36,7 +36,12 @@ fn prepared(layer: &FallbackLayer) -> Prepared {
 }
 
 fn engine(layer: &FallbackLayer, deadline: Option<Instant>) -> Engine<Body> {
-    Engine::start(layer.shared().clone(), prepared(layer), deadline).unwrap()
+    engine_at(layer, deadline, Instant::now())
+}
+
+/// A request whose first target is chosen at `now`.
+fn engine_at(layer: &FallbackLayer, deadline: Option<Instant>, now: Instant) -> Engine<Body> {
+    Engine::start(layer.shared().clone(), prepared(layer), deadline, now).unwrap()
 }
 
 fn response(status: u16, decision: Decision) -> Assessed<Body> {
@@ -396,20 +401,7 @@ fn every_admission_is_recorded_once_even_when_its_attempt_is_dropped() {
 
 #[test]
 fn a_request_that_starts_past_a_cooling_target_counts_as_a_fallback() {
-    struct Cooling;
-    impl HealthStore for Cooling {
-        fn admit(&self, target: TargetId<'_>) -> Admission {
-            match target.index {
-                0 => Admission::Cooling(Duration::from_secs(5)),
-                _ => Admission::Open,
-            }
-        }
-        fn cooling_for(&self, target: TargetId<'_>) -> Duration {
-            Duration::from_secs(u64::from(target.index == 0) * 5)
-        }
-        fn record(&self, _: TargetId<'_>, _: HealthOutcome, _: bool) {}
-    }
-    let layer = layer(&["a", "b"]).health_store(Cooling, Duration::from_secs(60));
+    let layer = layer(&["a", "b"]).health_store(FirstCooling, Duration::from_secs(60));
     let mut engine = engine(&layer, None);
     let t0 = Instant::now();
     let (id, host) = launch(&mut engine, t0);
@@ -442,4 +434,229 @@ fn retries_of_the_same_target_are_not_a_fallback() {
     assert_eq!(report.attempts().len(), 2);
     assert!(!report.fell_back());
     assert_eq!(layer.stats().snapshot().fell_back, 0);
+}
+
+/// A target `http://{name}.test/v1` named `name`.
+fn target(name: &str) -> Target {
+    Target::new(format!("http://{name}.test/v1"))
+        .unwrap()
+        .with_name(name)
+}
+
+/// A layer over groups: each `(group, members)`; an empty group name is a target on its own.
+fn groups(entries: &[(&str, &[(&str, u32)])]) -> FallbackLayer {
+    FallbackLayer::new(entries.iter().map(|(name, members)| {
+        if name.is_empty() {
+            return TargetGroup::from(target(members[0].0));
+        }
+        members.iter().fold(TargetGroup::new(*name), |g, (m, w)| {
+            g.weighted(target(m), *w)
+        })
+    }))
+    .unwrap()
+    .balance_seed(7)
+}
+
+/// One request served in `took` by whichever member is chosen: its host.
+fn serve_in(layer: &FallbackLayer, now: Instant, took: Duration) -> String {
+    let mut engine = engine_at(layer, None, now);
+    let (id, host) = launch(&mut engine, now);
+    done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), now + took)
+    )
+    .unwrap();
+    host
+}
+
+fn serve_one(layer: &FallbackLayer, now: Instant) -> String {
+    serve_in(layer, now, Duration::ZERO)
+}
+
+fn count<'a>(hosts: impl IntoIterator<Item = &'a String>, host: &str) -> usize {
+    hosts.into_iter().filter(|h| *h == host).count()
+}
+
+#[test]
+fn the_choice_within_a_group_avoids_the_member_with_the_slower_latency_estimate() {
+    let layer = groups(&[("g", &[("a", 1), ("b", 1), ("c", 1)])]);
+    let t0 = Instant::now();
+    let loads = &layer.shared().loads;
+    loads.start(0).finish(Duration::from_millis(20), t0);
+    loads.start(1).finish(Duration::from_millis(400), t0);
+    loads.start(2).finish(Duration::from_millis(20), t0);
+    let hosts: Vec<String> = (0..30).map(|_| serve_one(&layer, t0)).collect();
+    // Two of three are drawn each time, and b loses every draw it is in.
+    assert_eq!(count(&hosts, "b.test"), 0, "{hosts:?}");
+    assert!(
+        count(&hosts, "a.test") >= 5 && count(&hosts, "c.test") >= 5,
+        "{hosts:?}"
+    );
+    // Idle long enough, its estimate decays below what a and c keep showing, and it is tried
+    // again.
+    let later = t0 + Duration::from_secs(120);
+    let took = Duration::from_millis(20);
+    let hosts: Vec<String> = (0..30).map(|_| serve_in(&layer, later, took)).collect();
+    assert!(count(&hosts, "b.test") > 0, "{hosts:?}");
+}
+
+#[test]
+fn weights_bias_the_choice_by_capacity() {
+    let layer = groups(&[("g", &[("a", 3), ("b", 1)])]);
+    let t0 = Instant::now();
+    // Four requests in flight at once: a, of weight 3, carries three before b gets one.
+    let mut engines = Vec::new();
+    let mut hosts = Vec::new();
+    for _ in 0..4 {
+        let mut engine = engine(&layer, None);
+        hosts.push(launch(&mut engine, t0).1);
+        engines.push(engine);
+    }
+    assert_eq!(
+        (count(&hosts, "a.test"), count(&hosts, "b.test")),
+        (3, 1),
+        "{hosts:?}"
+    );
+    drop(engines);
+    // Dropped, they are no longer in flight: a alone is chosen again.
+    assert_eq!(serve_one(&layer, t0), "a.test");
+}
+
+/// Target 0 cools down; the others are open.
+struct FirstCooling;
+
+impl HealthStore for FirstCooling {
+    fn admit(&self, target: TargetId<'_>) -> Admission {
+        match target.index {
+            0 => Admission::Cooling(Duration::from_secs(5)),
+            _ => Admission::Open,
+        }
+    }
+    fn cooling_for(&self, target: TargetId<'_>) -> Duration {
+        Duration::from_secs(u64::from(target.index == 0) * 5)
+    }
+    fn record(&self, _: TargetId<'_>, _: HealthOutcome, _: bool) {}
+}
+
+#[test]
+fn a_cooling_member_is_skipped_and_its_group_serves() {
+    let layer = groups(&[("g", &[("a", 1), ("b", 1)]), ("", &[("z", 1)])])
+        .health_store(FirstCooling, Duration::from_secs(60));
+    let t0 = Instant::now();
+    let mut skips = 0;
+    for _ in 0..10 {
+        let mut engine = engine(&layer, None);
+        let (id, host) = launch(&mut engine, t0);
+        assert_eq!(host, "b.test", "never a, never the next group");
+        let output = done!(
+            engine,
+            engine.on_outcome(id, response(200, Decision::Return), t0)
+        );
+        let report = report_of(&output);
+        for skip in report.skipped() {
+            assert_eq!((skip.group(), skip.target()), (Some("g"), "a"));
+            skips += 1;
+        }
+        assert_eq!(report.served_by().unwrap().group(), Some("g"));
+    }
+    assert!(skips > 0, "a was drawn first at least once");
+    assert_eq!(
+        layer.stats().snapshot().targets[0].cooldown_skips,
+        skips as u64
+    );
+}
+
+#[test]
+fn a_failure_another_member_could_fix_moves_within_the_group_once_per_member() {
+    let layer = groups(&[("g", &[("a", 1), ("b", 1), ("c", 1)]), ("", &[("z", 1)])]);
+    let mut engine = engine(&layer, None);
+    let t0 = Instant::now();
+    let failures = [
+        response(429, Decision::NextTarget),
+        error(ErrorKind::Timeout, Decision::NextTarget),
+        response(503, Decision::NextTarget),
+    ];
+    let mut hosts = Vec::new();
+    for failure in failures {
+        let (id, host) = launch(&mut engine, t0);
+        hosts.push(host);
+        assert_eq!(engine.on_outcome(id, failure, t0), Step::Call);
+    }
+    let (id, host) = launch(&mut engine, t0);
+    assert_eq!(
+        host, "z.test",
+        "the group is exhausted only after each member once"
+    );
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(200, Decision::Return), t0)
+    );
+    hosts.sort();
+    assert_eq!(hosts, ["a.test", "b.test", "c.test"]);
+    let report = report_of(&output);
+    let groups: Vec<_> = report.attempts().iter().map(|a| a.group()).collect();
+    assert_eq!(groups, [Some("g"), Some("g"), Some("g"), None]);
+    let line = report.to_string();
+    assert!(line.contains("g/") && line.contains("4. z"), "{line}");
+    let stats = layer.stats().snapshot();
+    assert!(stats.targets[..3].iter().all(|t| t.retryable_failures == 1));
+    assert_eq!(stats.targets[3].successes, 1);
+}
+
+#[test]
+fn a_model_specific_failure_moves_to_the_next_group_at_once() {
+    let layer = groups(&[("g", &[("a", 1), ("b", 1)]), ("h", &[("c", 1), ("d", 1)])]);
+    let mut engine = engine(&layer, None);
+    let t0 = Instant::now();
+    let (id, first) = launch(&mut engine, t0);
+    assert!(first == "a.test" || first == "b.test");
+    // 404 model_not_found: no other member of g serves the model.
+    let step = engine.on_outcome(id, response(404, Decision::NextTarget), t0);
+    assert_eq!(step, Step::Call);
+    let (id, second) = launch(&mut engine, t0);
+    assert!(second == "c.test" || second == "d.test", "{second}");
+    // A rate limit in h stays in h.
+    assert_eq!(
+        engine.on_outcome(id, response(429, Decision::NextTarget), t0),
+        Step::Call
+    );
+    let (id, third) = launch(&mut engine, t0);
+    assert!(
+        third != second && (third == "c.test" || third == "d.test"),
+        "{third}"
+    );
+    let output = done!(
+        engine,
+        engine.on_outcome(id, response(404, Decision::NextTarget), t0)
+    );
+    let report = report_of(&output);
+    let trail: Vec<_> = report.attempts().iter().map(|a| a.group()).collect();
+    assert_eq!(trail, [Some("g"), Some("h"), Some("h")]);
+    assert_eq!(report.stop_reason(), Some(StopReason::Exhausted));
+}
+
+#[test]
+fn when_every_member_cools_down_a_model_specific_failure_still_leaves_the_group() {
+    struct AllCooling;
+    impl HealthStore for AllCooling {
+        fn admit(&self, t: TargetId<'_>) -> Admission {
+            Admission::Cooling(Duration::from_secs(1 + t.index as u64))
+        }
+        fn cooling_for(&self, t: TargetId<'_>) -> Duration {
+            Duration::from_secs(1 + t.index as u64)
+        }
+        fn record(&self, _: TargetId<'_>, _: HealthOutcome, _: bool) {}
+    }
+    let layer = groups(&[("g", &[("a", 1), ("b", 1)]), ("", &[("z", 1)])])
+        .health_store(AllCooling, Duration::from_secs(60));
+    let mut engine = engine(&layer, None);
+    let t0 = Instant::now();
+    let (id, host) = launch(&mut engine, t0);
+    assert_eq!(host, "a.test", "soonest to recover first");
+    engine.on_outcome(id, response(404, Decision::NextTarget), t0);
+    assert_eq!(
+        launch(&mut engine, t0).1,
+        "z.test",
+        "b is passed over with its group"
+    );
 }

@@ -2,6 +2,7 @@
 //! ([`Retries`], [`Hedge`]), cooldowns behind the [`HealthStore`] trait, per-target [`Stats`],
 //! and (feature `redis`) a health store and retry budget shared by several processes.
 
+pub(crate) mod balance;
 pub(crate) mod health;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;

@@ -31,6 +31,8 @@ pub struct Stats {
 
 struct Inner {
     names: Box<[Arc<str>]>,
+    /// Each target's group, when it is a member of one.
+    groups: Box<[Option<Arc<str>>]>,
     requests: AtomicU64,
     fell_back: AtomicU64,
     targets: Box<[Counters]>,
@@ -70,12 +72,26 @@ impl Stats {
         let targets = names.iter().map(|_| Counters::default()).collect();
         Stats {
             inner: Arc::new(Inner {
+                groups: names.iter().map(|_| None).collect(),
                 names,
                 requests: AtomicU64::new(0),
                 fell_back: AtomicU64::new(0),
                 targets,
             }),
         }
+    }
+
+    /// Names each target's group (before the stats are shared).
+    pub(crate) fn with_groups(
+        mut self,
+        groups: impl IntoIterator<Item = Option<Arc<str>>>,
+    ) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            for (slot, group) in inner.groups.iter_mut().zip(groups) {
+                *slot = group;
+            }
+        }
+        self
     }
 
     pub(crate) fn request(&self) {
@@ -144,11 +160,13 @@ impl Stats {
             .names
             .iter()
             .zip(i.targets.iter())
-            .map(|(name, c)| {
+            .zip(i.groups.iter())
+            .map(|((name, c), group)| {
                 let latency: Vec<u64> = c.latency.iter().map(|b| b.load(Relaxed)).collect();
                 let attempts = c.attempts.load(Relaxed);
                 TargetStats {
                     name: name.to_string(),
+                    group: group.as_deref().map(str::to_owned),
                     attempts,
                     successes: c.successes.load(Relaxed),
                     retryable_failures: c.retryable_failures.load(Relaxed),
@@ -233,6 +251,8 @@ pub struct StatsSnapshot {
 pub struct TargetStats {
     /// The target's name.
     pub name: String,
+    /// The group it is a member of (`None` for a target given on its own).
+    pub group: Option<String>,
     /// Attempts made.
     pub attempts: u64,
     /// Attempts that answered with a success (1xx–3xx) and were handed back.
