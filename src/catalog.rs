@@ -41,6 +41,7 @@ struct ModelsPage {
 
 /// One model of a [`ModelCatalog`].
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[non_exhaustive]
 pub struct ModelEntry {
     /// The model ID, as sent in a request's `"model"`.
     pub id: String,
@@ -64,6 +65,7 @@ pub struct ModelEntry {
 /// A model's prices: `input` and `output` in USD per million tokens; `per_request` and
 /// `per_second` in USD. Any may be unknown.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+#[non_exhaustive]
 pub struct Pricing {
     /// USD per million prompt tokens.
     #[serde(default)]
@@ -182,6 +184,7 @@ impl ModelCatalog {
 
 /// What to do when a fallback costs more than `max_factor` times the primary.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct PriceGuard {
     /// The largest acceptable ratio of a fallback's price to the primary's.
     pub max_factor: f64,

@@ -45,6 +45,7 @@ use crate::target::Target;
 /// ```
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct FallbackConfig {
     /// The targets, in order (at least one): each a target, or a group of equivalent targets
     /// (`{"group": "openai", "members": [{…}, {…}]}`) balanced within the group.
@@ -241,6 +242,7 @@ fn default_price_factor() -> f64 {
 /// The `cooldown` section of a [`FallbackConfig`]; every field has a default.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct CooldownConfig {
     /// Failures within the window that open the breaker (default 3).
     #[serde(default = "default_failures")]
@@ -259,6 +261,7 @@ pub struct CooldownConfig {
 /// The `retry_budget` section of a [`FallbackConfig`] (tower's `TpsBudget`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct BudgetConfig {
     /// How long a request's deposit counts, in milliseconds, 1000 to 60000 (default 10000).
     #[serde(default = "default_budget_ttl_ms")]
@@ -295,6 +298,7 @@ impl BudgetConfig {
 /// The `health_store` section of a [`FallbackConfig`]: where shared state lives.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HealthStoreConfig {
     /// The Redis URL, `redis://host:port[/db]`. A URL with a password is refused unless
     /// `allow_inline_keys` is set; name an environment variable with `redis_url_env` instead.
@@ -322,6 +326,7 @@ fn default_refresh_ms() -> u64 {
 /// The `hedge` section of a [`FallbackConfig`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct HedgeConfig {
     /// Start the next target after this many milliseconds without a response head.
     pub delay_ms: u64,
@@ -377,11 +382,34 @@ pub enum EntryConfig {
 /// A group of a [`FallbackConfig`]: `{"group": "openai", "members": [{…}, {…}]}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct GroupConfig {
     /// The group's name, in reports and stats.
     pub group: String,
     /// Its members (1 to 64), each a target with an optional `weight` (default 1).
     pub members: Vec<TargetConfig>,
+}
+
+impl From<TargetConfig> for EntryConfig {
+    fn from(target: TargetConfig) -> Self {
+        EntryConfig::Target(target)
+    }
+}
+
+impl From<GroupConfig> for EntryConfig {
+    fn from(group: GroupConfig) -> Self {
+        EntryConfig::Group(group)
+    }
+}
+
+impl GroupConfig {
+    /// A group named `group` of `members` (the struct is `#[non_exhaustive]`).
+    pub fn new(group: impl Into<String>, members: Vec<TargetConfig>) -> Self {
+        GroupConfig {
+            group: group.into(),
+            members,
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for EntryConfig {
@@ -476,6 +504,7 @@ impl EntryConfig {
 /// One target of a [`FallbackConfig`].
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct TargetConfig {
     /// The display name (default: the base URL's host).
     #[serde(default)]
@@ -537,7 +566,69 @@ fn default_true() -> bool {
     true
 }
 
+/// A section built from its serde defaults, so that each default is written once (in the
+/// field's `#[serde(default = …)]`). Only called with values that deserialize (unit-tested).
+fn from_defaults<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("a config section's defaults deserialize")
+}
+
+impl Default for CooldownConfig {
+    /// Every field at its default.
+    fn default() -> Self {
+        from_defaults(serde_json::json!({}))
+    }
+}
+
+impl Default for BudgetConfig {
+    /// Every field at its default.
+    fn default() -> Self {
+        from_defaults(serde_json::json!({}))
+    }
+}
+
+impl Default for HealthStoreConfig {
+    /// Every field at its default: no Redis URL yet (set `redis_url_env` or `redis_url`).
+    fn default() -> Self {
+        from_defaults(serde_json::json!({}))
+    }
+}
+
+impl HedgeConfig {
+    /// Start the next target after `delay_ms` without a response head; the rest at defaults.
+    pub fn new(delay_ms: u64) -> Self {
+        from_defaults(serde_json::json!({ "delay_ms": delay_ms }))
+    }
+}
+
+impl TargetConfig {
+    /// A target at `base_url` with every other field at its default; set the public fields
+    /// to change them (the struct is `#[non_exhaustive]`: new options are not breaking).
+    ///
+    /// ```
+    /// use tower_model_fallback::{FallbackConfig, TargetConfig};
+    ///
+    /// let mut target = TargetConfig::new("https://api.openai.com/v1");
+    /// target.model = Some("gpt-4o-mini".into());
+    /// target.api_key_env = Some("OPENAI_API_KEY".into());
+    /// let mut config = FallbackConfig::new(vec![target]);
+    /// config.attempt_timeout_ms = Some(30_000);
+    /// let layer = config.layer_with_env(|_| Some("key".into())).unwrap();
+    /// assert_eq!(layer.targets()[0].model(), Some("gpt-4o-mini"));
+    /// ```
+    pub fn new(base_url: impl Into<String>) -> Self {
+        from_defaults(serde_json::json!({ "base_url": base_url.into() }))
+    }
+}
+
 impl FallbackConfig {
+    /// A config over `targets` (targets or groups) with every other field at its default (what
+    /// a JSON file with only `targets` gives); set the public fields to change them.
+    pub fn new(targets: impl IntoIterator<Item = impl Into<EntryConfig>>) -> Self {
+        let mut config: FallbackConfig = from_defaults(serde_json::json!({ "targets": [] }));
+        config.targets = targets.into_iter().map(Into::into).collect();
+        config
+    }
+
     /// Parses a JSON config. Errors name the field: `targets[0].modle: unknown field …`.
     pub fn from_json(json: &[u8]) -> Result<FallbackConfig, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(json);
@@ -786,6 +877,19 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         FallbackConfig::from_json(json.as_bytes())?.layer_with_env(|k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn constructors_take_the_serde_defaults() {
+        let built = FallbackConfig::new(vec![TargetConfig::new("https://a.example/v1")]);
+        let parsed =
+            FallbackConfig::from_json(br#"{"targets": [{"base_url": "https://a.example/v1"}]}"#)
+                .unwrap();
+        assert_eq!(format!("{built:?}"), format!("{parsed:?}"));
+        assert_eq!(CooldownConfig::default().failures, 3);
+        assert_eq!(BudgetConfig::default().ttl_ms, 10_000);
+        assert_eq!(HealthStoreConfig::default().refresh_ms, 200);
+        assert_eq!(HedgeConfig::new(250).max_in_flight, 2);
     }
 
     #[test]

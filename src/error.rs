@@ -46,6 +46,7 @@ enum Kind {
     BodyUnreadable,
     InvalidJson { detail: String },
     NotRewritable { encoding: String },
+    Misdirected { problem: String },
     Request,
     Upstream,
     Unready,
@@ -68,6 +69,12 @@ impl FallbackError {
     /// Every target names a model and the body is compressed: none could be sent its own model.
     pub(crate) fn not_rewritable(encoding: String, report: FallbackReport) -> Self {
         Self::new(Kind::NotRewritable { encoding }, None).with_report(report)
+    }
+
+    /// The request's URI would send it somewhere the caller did not mean (see
+    /// [`FallbackError::is_misdirected`]); `problem` names the fix.
+    pub(crate) fn misdirected(problem: String) -> Self {
+        Self::new(Kind::Misdirected { problem }, None)
     }
 
     pub(crate) fn request(source: BoxError) -> Self {
@@ -117,6 +124,15 @@ impl FallbackError {
     /// sent.
     pub fn is_invalid_json(&self) -> bool {
         matches!(self.inner.kind, Kind::InvalidJson { .. })
+    }
+
+    /// Nothing was sent because the request's URI would have gone somewhere the caller did not
+    /// mean: its path repeats a target's base path (`/v1/chat/completions` sent to the base
+    /// `https://api.openai.com/v1` would reach `/v1/v1/chat/completions`), or it is an absolute
+    /// URI whose scheme and host are no target's. Paths are relative to each target's base URL,
+    /// as in the OpenAI SDKs: send `/chat/completions`. The message names the fix.
+    pub fn is_misdirected(&self) -> bool {
+        matches!(self.inner.kind, Kind::Misdirected { .. })
     }
 
     /// Nothing was sent because the request could not be rebuilt for a target.
@@ -223,6 +239,7 @@ impl fmt::Display for FallbackError {
                  model, which a compressed body cannot carry; nothing was sent (send it \
                  uncompressed)"
             ),
+            Kind::Misdirected { problem } => write!(f, "{problem}; nothing was sent"),
             Kind::Request => self.with_source(f, "the request could not be rebuilt for a target"),
             Kind::Upstream if self.inner.report.attempts.is_empty() => {
                 self.with_source(f, "the inner service failed before any attempt")

@@ -180,7 +180,12 @@ where
                 "polled after completion".into(),
             )));
         };
-        let prepared = Prepared::new(head, bytes, &self.shared.credential_names)?;
+        let prepared = Prepared::new(
+            head,
+            bytes,
+            &self.shared.credential_names,
+            &self.shared.targets,
+        )?;
         let deadline = self.shared.deadline.and_then(|limit| {
             let sleep = timer(limit)?;
             *self.deadline = Some(Box::pin(sleep));

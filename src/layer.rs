@@ -12,6 +12,7 @@ use tower::retry::budget::Budget;
 use crate::catalog::{ModelCatalog, PriceGuard};
 use crate::error::ConfigError;
 use crate::group::{flatten, TargetGroup};
+use crate::per_target::PerTarget;
 use crate::policy::{Classify, DefaultClassifier};
 use crate::resilience::balance::{Loads, Rng};
 use crate::resilience::health::{Bound, Cooldowns, HealthStore, TargetId};
@@ -349,6 +350,24 @@ impl FallbackLayer {
     #[cfg(test)]
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Wraps one inner service per target, in target order, in [`Fallback`]: each attempt goes
+    /// to its target's own stack (see [`PerTarget`]). An error unless there is exactly one
+    /// service per target.
+    pub fn per_target<S>(
+        &self,
+        services: impl IntoIterator<Item = S>,
+    ) -> Result<Fallback<PerTarget<S>>, ConfigError> {
+        let inner = PerTarget::new(services);
+        let (given, wanted) = (inner.services().len(), self.shared.targets.len());
+        if given != wanted {
+            return Err(ConfigError::new(
+                "per_target",
+                format!("{given} services for {wanted} targets; give one per target, in order"),
+            ));
+        }
+        Ok(self.layer(inner))
     }
 
     /// The targets, in order.

@@ -148,8 +148,11 @@ mod engine;
 mod error;
 mod future;
 mod group;
+mod hop;
 mod layer;
 mod media;
+pub mod openai;
+mod per_target;
 mod policy;
 mod report;
 mod request;
@@ -167,7 +170,9 @@ pub use config::{
 pub use error::{BoxError, ConfigError, FallbackError};
 pub use future::ResponseFuture;
 pub use group::{TargetGroup, MAX_GROUP_MEMBERS};
+pub use hop::strip_hop_by_hop;
 pub use layer::{FallbackLayer, DEFAULT_ERROR_BODY_LIMIT, DEFAULT_MAX_BODY_BYTES};
+pub use per_target::{PerTarget, PerTargetError, PerTargetFuture};
 pub use policy::{
     classify_fn, error_code, Classify, ClassifyFn, Decision, DefaultClassifier, ErrorKind, Outcome,
 };
@@ -181,7 +186,7 @@ pub use resilience::{
 pub use resilience::{RedisBudget, RedisHealth};
 pub use response::{CommitPoint, ResponseBody};
 pub use service::Fallback;
-pub use target::Target;
+pub use target::{AttemptTarget, Target};
 
 #[doc(hidden)]
 pub mod __private {

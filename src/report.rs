@@ -389,6 +389,7 @@ impl fmt::Display for AttemptOutcome {
 
 /// Token counts and estimated cost of one answer, from its `usage`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: u64,

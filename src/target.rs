@@ -48,6 +48,59 @@ pub struct Target {
     pub(crate) forward_caller_credentials: bool,
 }
 
+/// Which target an attempt is for: in the extensions of every request the layer sends to its
+/// inner service, so that a service inside the layer can tell the targets apart (give each its
+/// own rate limit, concurrency limit, timeout or client — see [`PerTarget`](crate::PerTarget)).
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tower::ServiceExt;
+/// use tower_model_fallback::{AttemptTarget, FallbackLayer, ReplayBody, Target};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let layer = FallbackLayer::new([
+///     Target::new("https://a.example/v1")?.with_name("a"),
+///     Target::new("https://b.example/v1")?.with_name("b"),
+/// ])?;
+/// let client = tower::service_fn(|req: Request<ReplayBody>| async move {
+///     let target = req.extensions().get::<AttemptTarget>().unwrap();
+///     let status = if target.index() == 0 { 503 } else { 200 };
+///     Ok::<_, Infallible>(Response::builder().status(status).body(target.name().to_owned()).unwrap())
+/// });
+/// let response = tower::Layer::layer(&layer, client).oneshot(Request::new(String::new())).await?;
+/// assert_eq!(response.status(), 200);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptTarget {
+    index: usize,
+    name: Arc<str>,
+}
+
+impl AttemptTarget {
+    pub(crate) fn new(index: usize, target: &Target) -> Self {
+        AttemptTarget {
+            index,
+            name: target.name.clone(),
+        }
+    }
+
+    /// The target's position in the layer's list of targets, from 0: the order of
+    /// [`FallbackLayer::targets`](crate::FallbackLayer::targets), which is the flattened list
+    /// (a target inside a group counts where it stands in that list).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The target's display name ([`Target::name`]).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
 /// A model ID and its pre-escaped JSON forms.
 #[derive(Clone)]
 pub(crate) struct TargetModel {
@@ -229,6 +282,27 @@ impl Target {
     /// The base URL (scheme, authority and path, without a trailing slash).
     pub fn base_url(&self) -> String {
         format!("{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+
+    /// When `path` starts with this target's whole base path (segment by segment, a `{model}`
+    /// segment matching any one), the rest of it: the path the caller meant. `None` when it does
+    /// not, or when the base path has no literal first segment to recognise it by.
+    pub(crate) fn repeated_prefix<'p>(&self, path: &'p str) -> Option<&'p str> {
+        let base = self.base_path.strip_prefix('/')?;
+        let mut rest = path.strip_prefix('/')?;
+        for (i, segment) in base.split('/').enumerate() {
+            let templated = segment.contains(MODEL_PLACEHOLDER);
+            if i == 0 && templated {
+                return None;
+            }
+            let (head, tail) = rest.split_once('/').unwrap_or((rest, ""));
+            if head.is_empty() || (!templated && head != segment) {
+                return None;
+            }
+            rest = tail;
+        }
+        // `rest` lost its leading slash to the split; the caller's path is the suffix of `path`.
+        Some(&path[path.len() - rest.len() - usize::from(!rest.is_empty())..])
     }
 
     /// The URI of an attempt: the base URL (with `{model}` filled in) followed by the caller's
@@ -418,6 +492,32 @@ pub(crate) fn escape_string(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_that_starts_with_the_whole_base_path_is_recognised() {
+        let t = Target::new("https://api.openai.com/v1/").unwrap();
+        assert_eq!(
+            t.repeated_prefix("/v1/chat/completions"),
+            Some("/chat/completions")
+        );
+        assert_eq!(t.repeated_prefix("/v1"), Some(""));
+        assert_eq!(t.repeated_prefix("/v1beta/models"), None);
+        assert_eq!(t.repeated_prefix("/chat/completions"), None);
+        let deep = Target::new("https://a.example/api/v1").unwrap();
+        assert_eq!(deep.repeated_prefix("/api/v1/models"), Some("/models"));
+        assert_eq!(deep.repeated_prefix("/api/models"), None);
+        let azure = Target::new("https://r.example/openai/deployments/{model}").unwrap();
+        assert_eq!(
+            azure.repeated_prefix("/openai/deployments/gpt-4o/chat/completions"),
+            Some("/chat/completions")
+        );
+        assert_eq!(azure.repeated_prefix("/openai/deployments"), None);
+        assert_eq!(azure.repeated_prefix("/chat/completions"), None);
+        let root = Target::new("http://127.0.0.1:8080").unwrap();
+        assert_eq!(root.repeated_prefix("/v1/models"), None);
+        let by_model = Target::new("https://g.example/{model}").unwrap();
+        assert_eq!(by_model.repeated_prefix("/anything/at/all"), None);
+    }
 
     #[test]
     fn joins_the_base_path_and_the_callers_path_like_the_openai_sdk() {

@@ -186,3 +186,67 @@ async fn deep_nesting_inside_an_object_is_valid_json_and_is_sent() {
     assert_eq!(seen.len(), body.len());
     assert!(seen.starts_with(br#"{"model":"m","x":[[["#));
 }
+
+#[tokio::test]
+async fn a_path_that_repeats_the_base_path_is_refused_naming_the_fix() {
+    let up = Upstream::chat("served").await;
+    let layer = FallbackLayer::new([
+        Target::new(up.url()).unwrap().with_name("root"),
+        Target::new(up.url_with("/v1")).unwrap().with_name("openai"),
+    ])
+    .unwrap();
+    let err = send(&layer, json_post(Full::new(Bytes::from_static(b"{}"))))
+        .await
+        .unwrap_err();
+    assert!(err.is_misdirected() && err.is_nothing_sent(), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("/v1/chat/completions starts with the base path of target openai")
+            && message.contains("send /chat/completions"),
+        "{message}"
+    );
+    // A path that only shares the prefix's characters is not the trap.
+    let beta = Request::post("/v1beta/models")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&layer, beta).await.unwrap(), 200);
+    assert_eq!(up.count(), 1, "only the /v1beta request went out");
+    assert_eq!(up.requests()[0].uri.path(), "/v1beta/models");
+}
+
+#[tokio::test]
+async fn an_absolute_uri_for_another_host_is_refused_and_a_targets_own_is_taken() {
+    let up = Upstream::chat("served").await;
+    let layer = FallbackLayer::new([Target::new(up.url_with("/v1")).unwrap()]).unwrap();
+    let elsewhere = Request::post("https://api.openai.com/chat/completions")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let err = send(&layer, elsewhere).await.unwrap_err();
+    assert!(err.is_misdirected() && err.is_nothing_sent(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("names https://api.openai.com, which is no target's"),
+        "{err}"
+    );
+    // An HTTP/2 request always has an authority (a proxy's server sees its own): not checked.
+    let proxied = Request::post("http://gateway.local/chat/completions")
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&layer, proxied).await.unwrap(), 200);
+    // The same URI with the target's own scheme and host goes to the target's base URL.
+    let own = Request::post(up.url_with("/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&layer, own).await.unwrap(), 200);
+    assert_eq!(up.requests()[1].uri.path(), "/v1/chat/completions");
+    // …but not with its base path again.
+    let twice = Request::post(up.url_with("/v1/chat/completions"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert!(send(&layer, twice).await.unwrap_err().is_misdirected());
+    assert_eq!(up.count(), 2);
+}

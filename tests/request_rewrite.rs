@@ -33,7 +33,9 @@ async fn after_a_503_the_fallback_gets_its_own_model_and_key_and_the_callers_byt
             .unwrap(),
     ])
     .unwrap();
+    // As a proxy's server sees an HTTP/2 request: with its own authority, which is replaced.
     let request = Request::post("http://ignored.example:9999/chat/completions?trace=1&x=%20")
+        .version(http::Version::HTTP_2)
         .header("content-type", "application/json")
         .header("authorization", "Bearer caller-key")
         .header("api-key", "caller-azure-key")

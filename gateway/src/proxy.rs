@@ -7,15 +7,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{HeaderName, CONNECTION, CONTENT_ENCODING, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::{BoxError, ServiceExt};
 use tower_http::body::UnsyncBoxBody;
 use tower_http::decompression::RequestDecompression;
 use tower_http::timeout::RequestBodyTimeout;
-use tower_model_fallback::{ConfigError, FallbackError, FallbackReport, ResponseBody, Stats};
+use tower_model_fallback::{
+    openai, strip_hop_by_hop, ConfigError, FallbackError, FallbackReport, ResponseBody, Stats,
+};
 
 use crate::auth::{Caller, Clients};
 use crate::config::GatewayConfig;
@@ -257,132 +259,33 @@ fn proxied(response: Response<Kind>, log: &Log<'_>) -> Response<GatewayBody> {
         .remove::<FallbackReport>()
         .unwrap_or_default();
     if let Some(served) = report.served_by() {
-        set(&mut head.headers, "x-fallback-target", served.target());
-        if let Some(model) = served.model() {
-            set(&mut head.headers, "x-fallback-model", model);
-        }
         tracing::info!(
             target: "gateway", client = log.client(), method = %log.method, path = %format_args!("/v1{}", log.path),
             status = head.status.as_u16(), target = served.target(),
             model = served.model().unwrap_or("-"), attempts = report.attempts().len(), "proxied",
         );
     }
-    head.headers
-        .insert("x-fallback-attempts", count(report.attempts().len()));
-    if gave_up(&report) {
-        // Every target was tried: an SDK's own retries would only run the chain again.
-        head.headers
-            .insert("x-should-retry", HeaderValue::from_static("false"));
-    }
+    openai::report_headers(&report, &mut head.headers);
     Response::from_parts(head, GatewayBody { kind, guard: None })
-}
-
-fn gave_up(report: &FallbackReport) -> bool {
-    report.is_exhausted() || report.stop_reason().is_some()
 }
 
 /// An outcome with no upstream response: an error in OpenAI's shape that names the targets
 /// tried and what each did, never a URL, a socket error or a key; the full detail is logged.
-fn failed(error: &FallbackError, log: &Log<'_>) -> Response<GatewayBody> {
+fn failed(failure: &FallbackError, log: &Log<'_>) -> Response<GatewayBody> {
     tracing::warn!(
         target: "gateway", client = log.client(), method = %log.method, path = %format_args!("/v1{}", log.path),
-        error = %error, "no upstream response",
+        error = %failure, "no upstream response",
     );
-    let mut response = openai_error(error);
-    if gave_up(error.report()) || error.is_upstream() || error.is_deadline() {
-        response
-            .headers_mut()
-            .insert("x-should-retry", HeaderValue::from_static("false"));
-    }
-    response
-}
-
-/// The status, type, code and message a client sees for `error`.
-pub fn openai_error(error: &FallbackError) -> Response<GatewayBody> {
-    let (status, kind, code, message) = if error.is_body_too_large() {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            "request_too_large",
-            "the request body is over the gateway's size limit".to_owned(),
-        )
-    } else if error.is_invalid_json() {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_json",
-            "the request body is not valid JSON".to_owned(),
-        )
-    } else if error.is_body_unreadable() && body_timed_out(error) {
-        (
+    if failure.is_body_unreadable() && body_timed_out(failure) {
+        // tower-http's body timeout, in front of the layer: the client was too slow.
+        return error(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             "request_timeout",
-            "the request body did not arrive in time".to_owned(),
-        )
-    } else if error.is_body_unreadable() {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "body_unreadable",
-            "the request body could not be read (or decompressed)".to_owned(),
-        )
-    } else if error.is_deadline() {
-        (
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout_error",
-            "deadline_exceeded",
-            format!("the deadline passed; {}", tried(error.report())),
-        )
-    } else if error.is_invalid_request() {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_request",
-            "the request cannot be sent to any target".to_owned(),
-        )
-    } else {
-        (
-            StatusCode::BAD_GATEWAY,
-            "upstream_error",
-            "all_targets_failed",
-            format!("no target answered; {}", tried(error.report())),
-        )
-    };
-    error_response(status, kind, code, message)
-}
-
-/// `tried primary (model-a): connect error, fallback (model-b): 503 Service Unavailable`:
-/// target names, models and what kind of failure, without the failure's own message.
-fn tried(report: &FallbackReport) -> String {
-    let mut out = String::from("tried ");
-    for (i, attempt) in report.attempts().iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        out.push_str(attempt.target());
-        if let Some(model) = attempt.model() {
-            out.push_str(&format!(" ({model})"));
-        }
-        out.push_str(": ");
-        match attempt.outcome() {
-            tower_model_fallback::AttemptOutcome::Status(s) => out.push_str(&s.to_string()),
-            tower_model_fallback::AttemptOutcome::Error { kind, .. } => {
-                out.push_str(&kind.to_string())
-            }
-            tower_model_fallback::AttemptOutcome::BodyFailed { status, kind, .. } => {
-                out.push_str(&format!("{status}, then {kind}"))
-            }
-            other => out.push_str(&other.to_string()),
-        }
+            "the request body did not arrive in time",
+        );
     }
-    if report.attempts().is_empty() {
-        out.push_str("no target");
-    }
-    for skip in report.skipped() {
-        out.push_str(&format!(", {} cooling down", skip.target()));
-    }
-    out
+    openai::error_response(failure)
 }
 
 fn body_timed_out(error: &FallbackError) -> bool {
@@ -394,49 +297,6 @@ fn body_timed_out(error: &FallbackError) -> bool {
         source = e.source();
     }
     false
-}
-
-/// Headers that belong to one hop (RFC 9110 §7.6.1), and those `connection` names. Passed on,
-/// they would contradict the framing hyper chooses for the client's hop (a `transfer-encoding:
-/// chunked` beside the `content-length` of a body the layer has read).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    http::header::PROXY_AUTHENTICATE,
-    http::header::TE,
-    http::header::TRAILER,
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, including those named in `connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
-/// A small count as a header value without an allocation (`HeaderValue::from` makes two).
-fn count(n: usize) -> HeaderValue {
-    const DIGITS: [&str; 10] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"];
-    DIGITS
-        .get(n)
-        .map_or_else(|| HeaderValue::from(n), |d| HeaderValue::from_static(d))
-}
-
-/// A header, when the value can be one (a model ID with a newline cannot, and is left out).
-fn set(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(name, value);
-    }
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<GatewayBody> {
@@ -454,18 +314,7 @@ fn error(
     code: &'static str,
     message: &'static str,
 ) -> Response<GatewayBody> {
-    error_response(status, kind, code, message.to_owned())
-}
-
-/// `{"error": {"message", "type", "code"}}`, OpenAI's shape.
-fn error_response(
-    status: StatusCode,
-    kind: &'static str,
-    code: &'static str,
-    message: String,
-) -> Response<GatewayBody> {
-    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
-    text(status, "application/json", Bytes::from(body.to_string()))
+    openai::error_body(status, kind, code, message)
 }
 
 pin_project_lite::pin_project! {
@@ -484,6 +333,12 @@ pin_project_lite::pin_project! {
         kind: Kind,
         // Held until the body is dropped: the connection counts this request as in flight.
         guard: Option<InFlight>,
+    }
+}
+
+impl From<Bytes> for GatewayBody {
+    fn from(data: Bytes) -> GatewayBody {
+        GatewayBody::full(data)
     }
 }
 
@@ -567,25 +422,5 @@ mod tests {
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut h = HeaderMap::new();
-        for (n, v) in [
-            ("connection", "close, x-trace"),
-            ("keep-alive", "timeout=5"),
-            ("transfer-encoding", "chunked"),
-            ("x-trace", "1"),
-            ("content-type", "application/json"),
-            ("content-length", "12"),
-            ("retry-after", "30"),
-        ] {
-            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
-        }
-        strip_hop_by_hop(&mut h);
-        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
-        left.sort();
-        assert_eq!(left, ["content-length", "content-type", "retry-after"]);
     }
 }

@@ -41,6 +41,7 @@ use crate::resilience::later;
 use crate::response::body::ResponseBody;
 use crate::response::usage::UsageMeter;
 use crate::settings::Shared;
+use crate::target::AttemptTarget;
 use order::{Chosen, Order};
 use record::{record, Flight};
 
@@ -230,10 +231,12 @@ impl<R: Body> Engine<R> {
             let error = FallbackError::request("no target left to call".into());
             return Err(self.end(Ending::Local(error), None, now));
         };
-        let plan = match self.prepared.attempt(target) {
+        let mut plan = match self.prepared.attempt(target) {
             Ok(plan) => plan,
             Err(error) => return Err(self.end(Ending::Local(error), None, now)),
         };
+        let identity = AttemptTarget::new(index, target);
+        plan.request.extensions_mut().insert(identity);
         self.held = Held::Nothing;
         self.report.first_choice.get_or_insert(index);
         let id = self.ids;

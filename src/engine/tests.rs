@@ -32,7 +32,13 @@ fn prepared(layer: &FallbackLayer) -> Prepared {
         .unwrap()
         .into_parts();
     let body = Bytes::from_static(br#"{"model":"asked","messages":[]}"#);
-    Prepared::new(parts, body, &layer.shared().credential_names).unwrap()
+    Prepared::new(
+        parts,
+        body,
+        &layer.shared().credential_names,
+        &layer.shared().targets,
+    )
+    .unwrap()
 }
 
 fn engine(layer: &FallbackLayer, deadline: Option<Instant>) -> Engine<Body> {

@@ -426,6 +426,22 @@ pub fn error_code(body: &[u8]) -> Option<String> {
 /// A policy from a closure that decides what it knows and leaves the rest to
 /// [`DefaultClassifier`] by returning `None`.
 ///
+/// **`None` means "use the default", not "done".** In reqwest-retry's `RetryableStrategy`, a
+/// `None` from `handle` ends retrying (the result goes back as it is); here the outcome goes on to
+/// the default table, so a 503 the closure answers `None` for still moves to the next target. To
+/// hand an outcome back, return `Some(Decision::Return)`; to fall back, `Some(Decision::NextTarget)`
+/// (or `Some(Decision::RetrySame)` to let [`Retries`](crate::Retries) retry it first).
+///
+/// ```
+/// use http::{HeaderMap, StatusCode};
+/// use tower_model_fallback::{classify_fn, Classify, Decision, Outcome};
+///
+/// let policy = classify_fn(|_: &Outcome<'_>| None); // decides nothing itself
+/// let headers = HeaderMap::new();
+/// let unavailable = Outcome::Response { status: StatusCode::SERVICE_UNAVAILABLE, headers: &headers, body: None };
+/// assert_eq!(policy.classify(&unavailable), Decision::RetrySame); // the default's answer, not Return
+/// ```
+///
 /// ```
 /// use http::StatusCode;
 /// use tower_model_fallback::{classify_fn, Decision, Outcome};

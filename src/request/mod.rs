@@ -88,11 +88,14 @@ impl Prepared {
     /// is an error; other bodies are sent unchanged.
     /// `credentials` are the header names treated as credentials: the well-known ones and every
     /// name a target sends its own key in.
+    /// `targets` are checked against the request's URI first ([`check_destination`]).
     pub(crate) fn new(
         parts: request::Parts,
         body: Bytes,
         credentials: &[HeaderName],
+        targets: &[Target],
     ) -> Result<Self, FallbackError> {
+        check_destination(&parts.uri, parts.version, targets)?;
         let request::Parts {
             method,
             uri,
@@ -188,6 +191,49 @@ impl Prepared {
     }
 }
 
+/// The path trap: a request URI that would quietly reach the wrong place is an error naming the
+/// fix, before anything is sent. An absolute HTTP/1 URI must have a target's scheme and host
+/// (its authority is replaced by each target's anyway; another host means the caller expects
+/// the request to go there). An HTTP/2 or HTTP/3 request always carries an authority — a
+/// server's view of its own, in a proxy handler — so there it says nothing and is not checked.
+/// A path that starts with a target's base path (`/v1/chat/completions`
+/// for the base `…/v1`) would reach `/v1/v1/chat/completions`. It is refused rather than
+/// trimmed: with targets whose base paths differ, no one trimming suits them all, and a path
+/// rewritten behind the caller's back hides the mistake in every other client it uses.
+fn check_destination(
+    uri: &http::Uri,
+    version: http::Version,
+    targets: &[Target],
+) -> Result<(), FallbackError> {
+    let multiplexed = version >= http::Version::HTTP_2;
+    if let Some(authority) = uri.authority().filter(|_| !multiplexed) {
+        let scheme = uri.scheme().unwrap_or(&http::uri::Scheme::HTTP);
+        let known = targets
+            .iter()
+            .any(|t| t.authority == *authority && t.scheme == *scheme);
+        if !known {
+            return Err(FallbackError::misdirected(format!(
+                "the request URI names {scheme}://{authority}, which is no target's; each \
+                 attempt goes to a target's base URL: send the path alone, relative to it \
+                 (e.g. /chat/completions)"
+            )));
+        }
+    }
+    let path = uri.path();
+    for target in targets {
+        let Some(rest) = target.repeated_prefix(path) else {
+            continue;
+        };
+        let rest = if rest.is_empty() { "/" } else { rest };
+        return Err(FallbackError::misdirected(format!(
+            "the request path {path} starts with the base path of target {} and would reach \
+             it twice; paths are relative to the base URL: send {rest}",
+            target.name
+        )));
+    }
+    Ok(())
+}
+
 /// A `content-length` value in one allocation (`HeaderValue::from(usize)` takes two).
 /// Removes the hop-by-hop headers (with those named by `connection`) and the credential headers
 /// from the caller's `headers`; returns the credentials removed, marked sensitive.
@@ -196,13 +242,7 @@ fn remove_hop_and_credentials(
     credentials: &[HeaderName],
 ) -> Vec<(HeaderName, HeaderValue)> {
     // Headers named by `connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    let named = crate::hop::named_by_connection(headers);
     // One pass over the (few) headers present finds what to drop, rather than a hashed
     // removal for each of the dozen names that could be there. The fixed names are marked
     // in bit sets, so the usual request allocates nothing here.
@@ -312,6 +352,7 @@ mod tests {
             parts,
             Bytes::from_static(body.as_bytes()),
             &credential_names(&targets),
+            &targets,
         )
     }
 
@@ -362,7 +403,7 @@ mod tests {
             req = req.header(name, "caller").header(name, "caller-again");
         }
         let (parts, _) = req.body(()).unwrap().into_parts();
-        let p = Prepared::new(parts, Bytes::new(), &names).unwrap();
+        let p = Prepared::new(parts, Bytes::new(), &names, &targets).unwrap();
         let plan = p
             .attempt(&Target::new("http://other.example").unwrap())
             .unwrap();
@@ -377,7 +418,9 @@ mod tests {
 
     #[test]
     fn hop_by_hop_and_credential_headers_are_removed() {
+        // As a proxy's server sees an HTTP/2 request: with its own authority.
         let req = Request::post("http://gateway.local/chat/completions?x=1")
+            .version(http::Version::HTTP_2)
             .header("content-type", "application/json")
             .header("authorization", "Bearer caller")
             .header("x-api-key", "caller2")

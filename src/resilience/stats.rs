@@ -235,6 +235,7 @@ impl fmt::Debug for Stats {
 
 /// What [`Stats::snapshot`] returns; `Serialize` for a `/stats` endpoint, `Display` for a log line.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct StatsSnapshot {
     /// Requests that reached a first attempt.
     pub requests: u64,
@@ -248,6 +249,7 @@ pub struct StatsSnapshot {
 
 /// One target's counters.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct TargetStats {
     /// The target's name.
     pub name: String,
@@ -289,6 +291,7 @@ pub struct TargetStats {
 
 /// One histogram bucket.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Bucket {
     /// Upper bound in milliseconds; `None` for the last, unbounded bucket.
     pub le_ms: Option<u64>,
