@@ -71,6 +71,15 @@ pub struct FallbackConfig {
     /// `"head"`; see [`CommitPoint`]. Overrides `wait_for_first_chunk` when given.
     #[serde(default)]
     pub commit_on: Option<CommitPoint>,
+    /// End a committed stream whose upstream fails with the wire format's own terminal error
+    /// event before the body error (default `true`). See
+    /// [`FallbackLayer::stream_error_events`].
+    #[serde(default = "default_true")]
+    pub stream_error_events: bool,
+    /// Cut a committed body whose upstream sends nothing for this long, in milliseconds
+    /// (default: none). See [`FallbackLayer::stream_idle_timeout`].
+    #[serde(default)]
+    pub stream_idle_timeout_ms: Option<u64>,
     /// Accept keys written in the file (`api_key`) rather than in the environment (default
     /// `false`).
     #[serde(default)]
@@ -694,6 +703,10 @@ impl FallbackConfig {
             .wait_for_first_chunk(self.wait_for_first_chunk);
         if let Some(point) = self.commit_on {
             layer = layer.commit_on(point);
+        }
+        layer = layer.stream_error_events(self.stream_error_events);
+        if let Some(ms) = self.stream_idle_timeout_ms {
+            layer = layer.stream_idle_timeout(Duration::from_millis(ms));
         }
         if let Some(ms) = self.first_byte_timeout_ms {
             layer = layer.first_byte_timeout(Duration::from_millis(ms));

@@ -86,6 +86,8 @@ impl FallbackLayer {
                 max_body_bytes: DEFAULT_MAX_BODY_BYTES,
                 error_body_limit: DEFAULT_ERROR_BODY_LIMIT,
                 commit_on: CommitPoint::FirstContent,
+                stream_error_events: true,
+                stream_idle_timeout: None,
                 first_byte_timeout: None,
                 attempt_timeout: None,
                 retries: Retries::default(),
@@ -129,6 +131,28 @@ impl FallbackLayer {
     /// caller, an upstream failure is an error on the response body.
     pub fn commit_on(mut self, point: CommitPoint) -> Self {
         Arc::make_mut(&mut self.shared).commit_on = point;
+        self
+    }
+
+    /// Whether a committed `text/event-stream` whose upstream fails — a drop, a reset, a stall
+    /// past the [stream idle timeout](FallbackLayer::stream_idle_timeout) — first gets its wire
+    /// format's own terminal error event (default `true`): chat completions
+    /// `data: {"error": {"message", "type", "code"}}`, Responses `event: response.failed`,
+    /// Anthropic `event: error`, so that an SDK reading the stream raises an error it can name.
+    /// The body error follows either way; an upstream's own error event after the commit point
+    /// is passed on, and a clean end after it is a body error too. Never a fake `[DONE]`.
+    pub fn stream_error_events(mut self, on: bool) -> Self {
+        Arc::make_mut(&mut self.shared).stream_error_events = on;
+        self
+    }
+
+    /// Cuts a committed response body whose upstream sends nothing for `timeout` (default: no
+    /// limit): the body ends with the terminal error event (see
+    /// [`stream_error_events`](FallbackLayer::stream_error_events)) and an error of kind
+    /// `TimedOut`. Only the upstream's silence counts, not the caller's pauses between reads.
+    /// Needs a tokio runtime with its time driver.
+    pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
+        Arc::make_mut(&mut self.shared).stream_idle_timeout = Some(timeout);
         self
     }
 

@@ -33,6 +33,10 @@ pub(crate) struct Shared {
     pub(crate) max_body_bytes: usize,
     pub(crate) error_body_limit: usize,
     pub(crate) commit_on: crate::response::CommitPoint,
+    /// A committed stream that fails ends with its format's terminal error event.
+    pub(crate) stream_error_events: bool,
+    /// Cuts a committed body whose upstream sends nothing for this long.
+    pub(crate) stream_idle_timeout: Option<Duration>,
     pub(crate) first_byte_timeout: Option<std::time::Duration>,
     /// Bounds one attempt's wait for its response head.
     pub(crate) attempt_timeout: Option<Duration>,

@@ -57,13 +57,32 @@ fn layer(primary: String, fallback: String) -> FallbackLayer {
     primary_and_fallback(primary, fallback)
 }
 
-/// The report and the body of the answer through `layer`.
-async fn run(layer: &FallbackLayer) -> (FallbackReport, Result<String, String>) {
+/// The report of the answer through `layer`, the bytes its body yielded and the error it ended
+/// with (`None`: a clean end).
+async fn run(layer: &FallbackLayer) -> (FallbackReport, String, Option<String>) {
     let response = stack(layer)
         .oneshot(chat_request(STREAM_REQUEST))
         .await
         .unwrap();
-    report_and_body(response).await
+    let report = report_of(&response);
+    let (text, error) = read_all(response.into_body()).await;
+    (report, text, error)
+}
+
+/// Every byte a body yields, and the error it ends with (`None`: a clean end).
+async fn read_all<B>(mut body: B) -> (String, Option<String>)
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut text = Vec::new();
+    loop {
+        match body.frame().await {
+            None => return (String::from_utf8(text).unwrap(), None),
+            Some(Ok(frame)) => text.extend_from_slice(&frame.into_data().unwrap_or_default()),
+            Some(Err(e)) => return (String::from_utf8(text).unwrap(), Some(e.to_string())),
+        }
+    }
 }
 
 /// Each dialect's success stream, and how many preamble events it opens with.
@@ -81,9 +100,9 @@ async fn a_drop_after_each_dialects_preamble_falls_back_and_the_caller_sees_one_
             let opening = &events(&stream)[..preamble];
             let primary = RawUpstream::start(chunked(opening, end), Then::Close).await;
             let fallback = serving(&stream).await;
-            let (report, body) = run(&layer(primary.url(), fallback.url())).await;
+            let (report, body, error) = run(&layer(primary.url(), fallback.url())).await;
             // Byte for byte the fallback's stream: one `message_start`, one `response.created`.
-            assert_eq!(body.unwrap(), stream, "{name}, clean end: {end}");
+            assert_eq!((body, error), (stream, None), "{name}, clean end: {end}");
             match report.attempts()[0].outcome() {
                 AttemptOutcome::BodyFailed { kind, message, .. } => {
                     assert_eq!(*kind, ErrorKind::Closed, "{name}: {message}");
@@ -150,8 +169,8 @@ async fn error_events_before_content_move_on_classified_like_the_status_they_sta
         let fallback = serving(&good).await;
         let layer = layer(primary.url(), fallback.url())
             .retries(Retries::new(1).base_delay(Duration::from_millis(1)));
-        let (report, body) = run(&layer).await;
-        assert_eq!(body.unwrap(), good, "{name}");
+        let (report, body, error) = run(&layer).await;
+        assert_eq!((body, error), (good, None), "{name}");
         let expected = AttemptOutcome::ErrorEvent {
             status: http::StatusCode::OK,
             code: Some(code.to_owned()),
@@ -187,8 +206,10 @@ async fn a_callers_error_event_is_handed_back_and_never_sent_elsewhere() {
         let stream = fixture(name);
         let primary = serving(&stream).await;
         let fallback = serving(&fixture("openai_chat.sse")).await;
-        let (report, body) = run(&layer(primary.url(), fallback.url())).await;
-        assert_eq!(body.unwrap(), stream, "{name}: the primary's own stream");
+        let (report, body, error) = run(&layer(primary.url(), fallback.url())).await;
+        assert_eq!(body, stream, "{name}: the primary's own stream");
+        // The error event is the stream's end: the clean end after it is not a success.
+        assert!(error.unwrap().contains("after an error event"), "{name}");
         assert_eq!(report.attempts().len(), 1, "{name}");
         assert_eq!(report.attempts()[0].decision(), Decision::Return, "{name}");
         assert_eq!(
@@ -212,8 +233,8 @@ async fn dropping_after(stream: &str, n: usize) -> RawUpstream {
 async fn a_first_tool_call_delta_is_content_and_commits() {
     let primary = dropping_after(&fixture("openai_chat_tool_call.sse"), 1).await;
     let fallback = serving(&fixture("openai_chat.sse")).await;
-    let (report, body) = run(&layer(primary.url(), fallback.url())).await;
-    assert!(body.is_err(), "committed: the drop is the caller's");
+    let (report, _, error) = run(&layer(primary.url(), fallback.url())).await;
+    assert!(error.is_some(), "committed: the drop is the caller's");
     assert_eq!(report.attempts().len(), 1);
     assert_eq!(fallback.count(), 0);
 }
@@ -224,8 +245,8 @@ async fn commit_on_first_event_commits_on_the_preamble_and_head_on_the_head() {
         let primary = dropping_after(&fixture("anthropic_messages.sse"), 1).await;
         let fallback = serving(&fixture("anthropic_messages.sse")).await;
         let layer = layer(primary.url(), fallback.url()).commit_on(point);
-        let (report, body) = run(&layer).await;
-        assert!(body.is_err(), "{point:?}");
+        let (report, _, error) = run(&layer).await;
+        assert!(error.is_some(), "{point:?}");
         assert_eq!(report.attempts().len(), 1, "{point:?}");
         assert_eq!(fallback.count(), 0, "{point:?}");
     }
@@ -255,20 +276,32 @@ async fn a_preamble_past_the_64_kib_bound_commits_there() {
     assert_eq!(fallback.count(), 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_preamble_held_past_the_first_byte_timeout_commits_there() {
-    let role = events(&fixture("openai_chat.sse"))[0].to_owned();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counted = calls.clone();
-    let inner = tower::service_fn(move |_: Request<ReplayBody>| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        let body = Stalled(Some(Bytes::from(role.clone())));
+/// An inner service whose streams send `opening`, then nothing; it counts its calls.
+fn stalling_stream(
+    opening: String,
+    calls: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<ReplayBody>,
+    Response = Response<Stalled>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_: Request<ReplayBody>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let body = Stalled(Some(Bytes::from(opening.clone())));
         let response = Response::builder()
             .header("content-type", "text/event-stream")
             .body(body)
             .unwrap();
         async move { Ok::<_, std::convert::Infallible>(response) }
-    });
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_preamble_held_past_the_first_byte_timeout_commits_there() {
+    let role = events(&fixture("openai_chat.sse"))[0].to_owned();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = stalling_stream(role, calls.clone());
     let layer = slow_then_fast(Duration::from_secs(7));
     let started = tokio::time::Instant::now();
     let response = tower::Layer::layer(&layer, inner)
@@ -280,4 +313,113 @@ async fn a_preamble_held_past_the_first_byte_timeout_commits_there() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let first = response.into_body().frame().await.unwrap().unwrap();
     assert!(first.into_data().unwrap().starts_with(b"data: {\"id\""));
+}
+
+// After the commit point: a failure ends the stream with its format's own terminal error event,
+// then the body error.
+
+#[tokio::test]
+async fn a_drop_after_content_ends_with_each_formats_terminal_error_event_then_an_error() {
+    let cases = [
+        ("openai_chat.sse", 2, "data: {\"error\":{"),
+        (
+            "openai_responses.sse",
+            5,
+            "event: response.failed\ndata: {\"response\":{",
+        ),
+        (
+            "anthropic_messages.sse",
+            4,
+            "event: error\ndata: {\"error\":{",
+        ),
+    ];
+    for (name, sent, terminal) in cases {
+        let stream = fixture(name);
+        let all = events(&stream);
+        // The last event sent is cut in two, and the connection drops in its middle.
+        let mut chunks: Vec<&str> = all[..sent].to_vec();
+        let half = &all[sent][..all[sent].len() / 2];
+        chunks.push(half);
+        let primary = RawUpstream::start(chunked(&chunks, false), Then::Close).await;
+        let fallback = serving(&stream).await;
+        let (report, body, error) = run(&layer(primary.url(), fallback.url())).await;
+        let whole = all[..sent].concat();
+        assert!(body.starts_with(&whole), "{name}: {body}");
+        let rest = &body[whole.len()..];
+        assert!(rest.starts_with(terminal), "{name}: {rest}");
+        assert!(
+            rest.ends_with("}\n\n"),
+            "{name}: the half event is not sent: {rest}"
+        );
+        assert!(!body.contains("[DONE]"), "{name}");
+        let event: serde_json::Value =
+            serde_json::from_str(rest.lines().find_map(|l| l.strip_prefix("data: ")).unwrap())
+                .unwrap();
+        assert!(event.to_string().contains("stream_interrupted") || name != "openai_chat.sse");
+        assert!(error.is_some(), "{name}: then the body error");
+        assert!(
+            report.attempts().len() == 1 && fallback.count() == 0,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_stream_error_events_off_a_drop_after_content_is_the_body_error_alone() {
+    let stream = fixture("openai_chat.sse");
+    let all = events(&stream);
+    let primary = dropping_after(&stream, 2).await;
+    let fallback = serving(&stream).await;
+    let layer = layer(primary.url(), fallback.url()).stream_error_events(false);
+    let (_, body, error) = run(&layer).await;
+    assert_eq!(body, all[..2].concat());
+    assert!(error.is_some());
+}
+
+#[tokio::test]
+async fn an_upstream_error_event_after_content_is_passed_on_and_the_end_is_an_error() {
+    let messages = fixture("anthropic_messages.sse");
+    let overloaded = fixture("anthropic_overloaded_after_start.sse");
+    let stream = format!(
+        "{}{}",
+        events(&messages)[..4].concat(),
+        events(&overloaded)[3]
+    );
+    let primary = serving(&stream).await;
+    let fallback = serving(&messages).await;
+    let (report, body, error) = run(&layer(primary.url(), fallback.url())).await;
+    assert_eq!(body, stream, "one error event: the upstream's own");
+    assert!(error.unwrap().contains("after an error event"));
+    assert!(report.stream_error().is_some());
+    assert_eq!(fallback.count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_committed_stream_that_stalls_is_cut_after_the_stream_idle_timeout() {
+    let content = events(&fixture("openai_chat.sse"))[..2].concat();
+    let inner = stalling_stream(content, Arc::default());
+    let layer = slow_then_fast(Duration::from_secs(7)).stream_idle_timeout(Duration::from_secs(30));
+    let response = tower::Layer::layer(&layer, inner)
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap();
+    let report = report_of(&response);
+    let mut body = response.into_body();
+    let first = next_data(&mut body).await;
+    assert!(first.starts_with(b"data: {\"id\""));
+    // The caller's own pause does not count: the timer runs while the body waits.
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let waited = tokio::time::Instant::now();
+    let terminal = next_data(&mut body).await;
+    assert_eq!(waited.elapsed(), Duration::from_secs(30));
+    let terminal = std::str::from_utf8(&terminal).unwrap();
+    assert!(terminal.starts_with("data: {\"error\":"), "{terminal}");
+    assert!(terminal.contains("stream_idle_timeout"), "{terminal}");
+    let error = body.frame().await.unwrap().unwrap_err();
+    let io = error.downcast_ref::<std::io::Error>().unwrap();
+    assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+    assert!(report
+        .stream_error()
+        .unwrap()
+        .contains("stream idle timeout"));
 }

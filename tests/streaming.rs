@@ -13,7 +13,7 @@ use http_body_util::BodyExt;
 use support::*;
 use tower::ServiceExt;
 use tower_model_fallback::{
-    AttemptOutcome, Decision, ErrorKind, FallbackLayer, FallbackReport, ReplayBody, Target,
+    AttemptOutcome, Decision, ErrorKind, FallbackLayer, ReplayBody, Target,
 };
 
 const STREAM_REQUEST: &str =
@@ -177,14 +177,13 @@ async fn a_failure_after_the_first_chunk_is_a_body_error_and_is_recorded() {
         .oneshot(chat_request(STREAM_REQUEST))
         .await
         .unwrap();
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
+    let report = report_of(&response);
     let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let first = next_data(&mut body).await;
     assert_eq!(&first[..], b"data: {\"n\":\"one\"}\n\n");
+    // The format's own terminal error event, then the error: never a clean end.
+    let terminal = next_data(&mut body).await;
+    assert!(terminal.starts_with(b"data: {\"error\":{"), "{terminal:?}");
     let next = body.frame().await.expect("an error, not a clean end");
     assert!(next.is_err());
     assert!(

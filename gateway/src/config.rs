@@ -48,6 +48,8 @@ const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 const BODY_READ_TIMEOUT_MS: u64 = 10_000;
 const IDLE_TIMEOUT_MS: u64 = 5_000;
 const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+/// A committed stream whose upstream is silent this long is cut (`null` in the file: never).
+const STREAM_IDLE_TIMEOUT_MS: u64 = 120_000;
 
 impl GatewayConfig {
     /// Parses `{"listen": …, "clients": […], …, ...FallbackConfig fields}`. Unknown fields are
@@ -99,6 +101,10 @@ impl GatewayConfig {
         let shutdown_timeout = ms(&mut object, "shutdown_timeout_ms", SHUTDOWN_TIMEOUT_MS)?;
         let allow_anonymous = take(&mut object, "allow_anonymous")?.unwrap_or(false);
         let upstream_h2c = take(&mut object, "upstream_h2c")?.unwrap_or(false);
+        // A stalled upstream must not hold a client's stream open for ever.
+        object
+            .entry("stream_idle_timeout_ms")
+            .or_insert(Value::from(STREAM_IDLE_TIMEOUT_MS));
         // Cooldowns protect upstreams: on unless turned off, with the library's settings form.
         match object.get("cooldown") {
             None => {
@@ -241,5 +247,12 @@ mod tests {
         assert!(err
             .to_string()
             .starts_with("shutdown_timeout_ms: invalid type"));
+        assert_eq!(c.fallback.stream_idle_timeout_ms, Some(120_000));
+        assert!(c.fallback.stream_error_events);
+        let off = GatewayConfig::from_json(
+            format!(r#"{{{target}, "stream_idle_timeout_ms": null}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(off.fallback.stream_idle_timeout_ms, None);
     }
 }

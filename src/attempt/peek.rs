@@ -11,9 +11,8 @@ use http_body::Body;
 
 use crate::error::BoxError;
 use crate::report::BodyCells;
-use crate::response::body::{Frames, ResponseBody};
+use crate::response::body::{Extras, Frames, ResponseBody};
 use crate::response::sse::{self, Dialect, Found};
-use crate::response::usage::UsageMeter;
 
 /// How much of a success is held, at most, while waiting for its commit point (the first chunk,
 /// or a stream's first content event): a stream whose preamble reaches it commits there. Separate from the error-body limit: a layer that
@@ -147,7 +146,7 @@ impl<R: Body> Peek<R> {
     pub(crate) fn into_response(
         self,
         cells: Arc<BodyCells>,
-        meter: Option<Box<UsageMeter>>,
+        extras: Extras,
     ) -> Response<ResponseBody<R>> {
         let body = ResponseBody::with_buffered(
             self.body,
@@ -155,7 +154,7 @@ impl<R: Body> Peek<R> {
             self.error,
             self.ended,
             cells,
-            meter,
+            extras,
         );
         Response::from_parts(self.head, body)
     }

@@ -38,7 +38,8 @@ use crate::report::{AttemptOutcome, FallbackReport, SkipReason, StopReason};
 use crate::request::{Prepared, ReplayBody};
 use crate::resilience::health::HealthOutcome;
 use crate::resilience::later;
-use crate::response::body::ResponseBody;
+use crate::response::body::{Extras, Idle, ResponseBody};
+use crate::response::ending::StreamEnding;
 use crate::response::usage::UsageMeter;
 use crate::settings::Shared;
 use crate::target::AttemptTarget;
@@ -520,8 +521,14 @@ impl<R: Body> Engine<R> {
     /// Hands a response back with the report; `served` is its attempt's place in the report.
     #[inline(always)]
     fn hand_back(&mut self, peek: Peek<R>, served: usize) -> Response<ResponseBody<R>> {
-        let meter = self.usage_meter(&peek, served);
-        let mut response = peek.into_response(self.report.cells(), meter);
+        let committed_stream = peek.event_stream && peek.head.status.is_success();
+        let extras = Extras {
+            meter: self.usage_meter(&peek, served),
+            ending: (committed_stream && self.shared.stream_error_events)
+                .then(|| StreamEnding::new(peek.dialect.unwrap_or_default())),
+            idle: self.shared.stream_idle_timeout.and_then(Idle::new),
+        };
+        let mut response = peek.into_response(self.report.cells(), extras);
         response.extensions_mut().insert(self.report.take());
         response
     }

@@ -2,15 +2,18 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
-use bytes::Buf;
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::error::BoxError;
 use crate::report::BodyCells;
+use crate::response::ending::{Cut, StreamEnding};
 use crate::response::usage::UsageMeter;
 
 /// Frames read ahead of the caller, in order. A first data chunk is kept inline: the usual
@@ -68,21 +71,71 @@ impl<D> Frames<D> {
 pin_project_lite::pin_project! {
     /// The response body handed to the caller: the inner response's body, streamed through
     /// unchanged, preceded by the frames the layer read before deciding (an error body's start,
-    /// or a success's first chunk).
+    /// or a success's preamble and first content).
     ///
     /// Its error type is [`BoxError`]: the inner body's error, boxed (downcast it to reach the
     /// original). An upstream failure after the answer started is such an error, never a clean,
     /// truncated end, and it is recorded in the [`FallbackReport`](crate::FallbackReport)
-    /// ([`stream_error`](crate::FallbackReport::stream_error)).
+    /// ([`stream_error`](crate::FallbackReport::stream_error)). A committed
+    /// `text/event-stream` that fails (or stalls past the
+    /// [stream idle timeout](crate::FallbackLayer::stream_idle_timeout)) first gets its wire
+    /// format's terminal error event — chat: `data: {"error": {…}}`; Responses:
+    /// `event: response.failed`; Anthropic: `event: error` — unless
+    /// [`stream_error_events`](crate::FallbackLayer::stream_error_events) is off; its events
+    /// pass whole, so that event never lands inside another.
+    ///
+    /// It is a [`Body`] when its data type can be made from [`Bytes`] (hyper's bodies, and
+    /// every body with `Data = Bytes`): the terminal event is such data.
     pub struct ResponseBody<B: Body> {
         buffered: Frames<B::Data>,
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<BodyCells>,
         meter: Option<Box<UsageMeter>>,
+        ending: Option<StreamEnding>,
+        idle: Option<Idle>,
         #[pin]
         inner: B,
     }
+}
+
+/// The stream idle timeout of a body: armed when the body waits for the upstream.
+pub(crate) struct Idle {
+    limit: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl Idle {
+    /// A stream idle timeout, when there is a tokio runtime to time it.
+    pub(crate) fn new(limit: Duration) -> Option<Idle> {
+        tokio::runtime::Handle::try_current().ok()?;
+        let sleep = Box::pin(tokio::time::sleep(limit));
+        Some(Idle {
+            limit,
+            sleep,
+            armed: false,
+        })
+    }
+
+    /// Whether the upstream has been silent for the whole limit (the caller's own pauses,
+    /// between its polls, do not count: the timer starts when the body waits).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            self.armed = true;
+            let at = tokio::time::Instant::now() + self.limit;
+            self.sleep.as_mut().reset(at);
+        }
+        self.sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
+/// What the layer adds to a body it hands back after its commit point.
+#[derive(Default)]
+pub(crate) struct Extras {
+    pub(crate) meter: Option<Box<UsageMeter>>,
+    pub(crate) ending: Option<StreamEnding>,
+    pub(crate) idle: Option<Idle>,
 }
 
 impl<B: Body> ResponseBody<B> {
@@ -92,14 +145,16 @@ impl<B: Body> ResponseBody<B> {
         error: Option<BoxError>,
         inner_done: bool,
         record: Arc<BodyCells>,
-        meter: Option<Box<UsageMeter>>,
+        extras: Extras,
     ) -> Self {
         ResponseBody {
             buffered,
             inner_done: inner_done || error.is_some(),
             error,
             record,
-            meter,
+            meter: extras.meter,
+            ending: extras.ending,
+            idle: extras.idle,
             inner,
         }
     }
@@ -119,56 +174,74 @@ impl<B: Body + fmt::Debug> fmt::Debug for ResponseBody<B> {
     }
 }
 
+type Polled<D> = Poll<Option<Result<Frame<D>, BoxError>>>;
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body,
+    B::Data: From<Bytes>,
     B::Error: Into<BoxError>,
 {
     type Data = B::Data;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
-        let this = self.project();
-        let frame = match this.buffered.pop_front() {
-            Some(frame) => Some(frame),
-            None => match this.error.take() {
-                Some(error) => return failed(this.record, error),
-                None if *this.inner_done => None,
-                None => match ready!(this.inner.poll_frame(cx)) {
-                    Some(Ok(frame)) => Some(frame),
-                    Some(Err(error)) => {
-                        *this.inner_done = true;
-                        return failed(this.record, error.into());
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled<B::Data> {
+        let mut this = self.project();
+        loop {
+            let frame = match this.buffered.pop_front() {
+                Some(frame) => frame,
+                None => {
+                    let polled = match this.error.take() {
+                        Some(error) => Err((error, Cut::Failed)),
+                        None if *this.inner_done => Ok(None),
+                        None => ready!(poll_inner(this.inner.as_mut(), this.idle, cx)),
+                    };
+                    match polled {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => return end(this.ending, this.meter, this.record, cx),
+                        Err((error, cut)) => {
+                            *this.inner_done = true;
+                            let Some(ending) = this.ending.as_mut() else {
+                                return failed(this.record, error);
+                            };
+                            let terminal = ending.terminal(cut);
+                            let pause = terminal.is_none() && ending.pause_before_error();
+                            if terminal.is_none() && !pause {
+                                return failed(this.record, error);
+                            }
+                            // The error follows the terminal event, and a pause.
+                            *this.error = Some(error);
+                            return match terminal {
+                                Some(event) => Poll::Ready(Some(Ok(Frame::data(event.into())))),
+                                None => pause_once(cx),
+                            };
+                        }
                     }
-                    None => {
-                        *this.inner_done = true;
-                        None
+                }
+            };
+            let frame = match (frame.into_data(), this.ending.as_mut()) {
+                (Ok(data), Some(ending)) => {
+                    let whole = ending.pass(data);
+                    if whole.is_empty() {
+                        continue;
                     }
-                },
-            },
-        };
-        match frame.as_ref().map(Frame::data_ref) {
-            Some(Some(data)) => {
-                if let Some(meter) = this.meter {
-                    meter.observe(data.chunk());
+                    Frame::data(B::Data::from(whole))
                 }
+                (Ok(data), None) => Frame::data(data),
+                (Err(frame), _) => frame,
+            };
+            if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
+                meter.observe(data.chunk());
             }
-            Some(None) => {}
-            None => {
-                if let Some(mut meter) = this.meter.take() {
-                    meter.finish();
-                }
-            }
+            return Poll::Ready(Some(Ok(frame)));
         }
-        Poll::Ready(frame.map(Ok))
     }
 
     fn is_end_stream(&self) -> bool {
-        // A meter must see the end of the body, so the body never says it has ended early.
+        // A meter must see the end of the body, and a stream's ending may still add to it, so
+        // such a body never says it has ended early.
         self.meter.is_none()
+            && self.ending.is_none()
             && self.buffered.is_empty()
             && self.error.is_none()
             && (self.inner_done || self.inner.is_end_stream())
@@ -176,17 +249,91 @@ where
 
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.buffered.data().map(|d| d.remaining() as u64).sum();
-        if self.inner_done {
+        if self.inner_done && self.ending.is_none() {
             return SizeHint::with_exact(buffered);
         }
         let inner = self.inner.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(inner.lower().saturating_add(buffered));
-        if let Some(upper) = inner.upper() {
+        if let (Some(upper), None) = (inner.upper(), &self.ending) {
             hint.set_upper(upper.saturating_add(buffered));
         }
         hint
     }
+}
+
+/// The inner body's next frame, or its failure (a stall past the idle timeout is one).
+#[allow(clippy::type_complexity)]
+fn poll_inner<B>(
+    inner: Pin<&mut B>,
+    idle: &mut Option<Idle>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<Option<Frame<B::Data>>, (BoxError, Cut)>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    match inner.poll_frame(cx) {
+        Poll::Ready(Some(Ok(frame))) => {
+            if let Some(idle) = idle {
+                idle.armed = false;
+            }
+            Poll::Ready(Ok(Some(frame)))
+        }
+        Poll::Ready(Some(Err(error))) => Poll::Ready(Err((error.into(), Cut::Failed))),
+        Poll::Ready(None) => Poll::Ready(Ok(None)),
+        Poll::Pending => {
+            let Some(idle) = idle.as_mut() else {
+                return Poll::Pending;
+            };
+            if !idle.expired(cx) {
+                return Poll::Pending;
+            }
+            let limit = idle.limit;
+            let error = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the upstream sent nothing for {limit:?} (the stream idle timeout)"),
+            );
+            Poll::Ready(Err((Box::new(error), Cut::Idle)))
+        }
+    }
+}
+
+/// The inner body ended cleanly: what a stream held back goes out, an error event sent before
+/// makes the end an error, and the meter sees the end.
+fn end<D: From<Bytes>>(
+    ending: &mut Option<StreamEnding>,
+    meter: &mut Option<Box<UsageMeter>>,
+    record: &BodyCells,
+    cx: &mut Context<'_>,
+) -> Polled<D> {
+    if let Some(stream) = ending {
+        let rest = stream.rest();
+        if !rest.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(rest.into()))));
+        }
+        let error_sent = stream.error_sent();
+        if error_sent && stream.pause_before_error() {
+            return pause_once(cx);
+        }
+        *ending = None;
+        if error_sent {
+            return failed(
+                record,
+                "the upstream ended its stream after an error event".into(),
+            );
+        }
+    }
+    if let Some(mut meter) = meter.take() {
+        meter.finish();
+    }
+    Poll::Ready(None)
+}
+
+/// `Pending`, with the task woken at once: the writer flushes what it holds, then polls again.
+fn pause_once<D>(cx: &mut Context<'_>) -> Polled<D> {
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Records a failure of the body after it was handed back, and yields it.
@@ -204,7 +351,6 @@ fn failed<D>(record: &BodyCells, error: BoxError) -> Poll<Option<Result<Frame<D>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     #[test]
     fn read_ahead_frames_come_back_in_order() {

@@ -3,6 +3,7 @@
 
 pub(crate) mod body;
 pub(crate) mod commit;
+pub(crate) mod ending;
 pub(crate) mod sse;
 pub(crate) mod usage;
 

@@ -268,6 +268,29 @@ fn status_for(code: &str) -> Option<StatusCode> {
     StatusCode::from_u16(status).ok()
 }
 
+/// How many bytes of `buf` are complete events (or comments): the end of its last blank line.
+pub(crate) fn complete_prefix(buf: &[u8]) -> usize {
+    let mut offset = 0;
+    while let Some((_, next)) = split_block(&buf[offset..]) {
+        offset = buf.len() - next.len();
+    }
+    offset
+}
+
+/// Whether complete events hold an error event, by a look at their lines (no JSON is parsed on
+/// this path, which every chunk of a committed stream takes): `event: error`,
+/// `event: response.failed`, or data that opens with an `error` member.
+pub(crate) fn has_error_event(events: &[u8]) -> bool {
+    events.split(|b| *b == b'\n').any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match (field(line, b"event"), field(line, b"data")) {
+            (Some(name), _) => name == b"error" || name == b"response.failed",
+            (None, Some(data)) => data.starts_with(b"{\"error\""),
+            (None, None) => false,
+        }
+    })
+}
+
 /// The block before the first blank line, and what follows it.
 fn split_block(buf: &[u8]) -> Option<(&[u8], &[u8])> {
     let mut i = 0;

@@ -585,11 +585,7 @@ where
     B: http_body::Body<Data = Bytes>,
     B::Error: std::fmt::Display,
 {
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
+    let report = report_of(&response);
     let body = match response.into_body().collect().await {
         Ok(c) => Ok(String::from_utf8(c.to_bytes().to_vec()).unwrap()),
         Err(e) => Err(e.to_string()),
@@ -623,4 +619,26 @@ pub fn slow_then_fast(first_byte_timeout: Duration) -> FallbackLayer {
     ])
     .unwrap()
     .first_byte_timeout(first_byte_timeout)
+}
+
+/// The report a response carries.
+pub fn report_of<B>(response: &Response<B>) -> FallbackReport {
+    response
+        .extensions()
+        .get::<FallbackReport>()
+        .cloned()
+        .expect("every response carries a report")
+}
+
+/// The next frame of `body`, which must be data.
+pub async fn next_data<B>(body: &mut B) -> Bytes
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let frame = body.frame().await.expect("a frame, not the end");
+    frame
+        .expect("data, not an error")
+        .into_data()
+        .expect("data")
 }
