@@ -181,6 +181,9 @@ impl HealthStoreConfig {
         if self.refresh_ms == 0 {
             return Err(ConfigError::new("refresh_ms", "must be at least 1"));
         }
+        if self.probe_lock_ms == 0 {
+            return Err(ConfigError::new("probe_lock_ms", "must be at least 1"));
+        }
         Ok(url)
     }
 }
@@ -194,6 +197,7 @@ fn shared_health(
 ) -> Result<FallbackLayer, ConfigError> {
     let store = crate::RedisHealth::new(url, &config.prefix)
         .and_then(|s| s.refresh(Duration::from_millis(config.refresh_ms)))
+        .and_then(|s| s.probe_lock(Duration::from_millis(config.probe_lock_ms)))
         .map_err(|e| e.within("health_store"))?
         .cooldowns(cooldowns.unwrap_or_default());
     Ok(layer.redis_health(store))
@@ -323,10 +327,17 @@ pub struct HealthStoreConfig {
     /// How often each replica refreshes its state from Redis, in milliseconds (default 200).
     #[serde(default = "default_refresh_ms")]
     pub refresh_ms: u64,
+    /// How long the replica that probes a target after a shared cooldown holds the fleet's lock,
+    /// in milliseconds (default 30000): long enough for one attempt.
+    #[serde(default = "default_probe_lock_ms")]
+    pub probe_lock_ms: u64,
 }
 
 fn default_store_prefix() -> String {
     "tower-model-fallback".to_owned()
+}
+fn default_probe_lock_ms() -> u64 {
+    30_000
 }
 fn default_refresh_ms() -> u64 {
     200
@@ -1049,6 +1060,10 @@ mod tests {
             (
                 r#""health_store": {"redis_url": "redis://127.0.0.1/", "refresh_ms": 0}"#,
                 "health_store.refresh_ms: must be at least 1",
+            ),
+            (
+                r#""health_store": {"redis_url": "redis://127.0.0.1/", "probe_lock_ms": 0}"#,
+                "health_store.probe_lock_ms: must be at least 1",
             ),
             (
                 r#""health_store": {"redis_url": "redis://127.0.0.1/", "refresh": 5}"#,

@@ -174,22 +174,99 @@ async fn a_429_with_retry_after_seen_by_one_replica_makes_the_other_skip_the_tar
     assert!((25_000..=30_000).contains(&ttl), "TTL {ttl} ms");
 }
 
+/// A replica over primary and secondary, sharing `redis` under `prefix`, refreshing every 50 ms.
+fn replica(redis: &RedisServer, prefix: &str, cooldowns: Cooldowns) -> FallbackLayer {
+    hosts(&["primary", "secondary"]).redis_health(
+        RedisHealth::new(&redis.url(), prefix)
+            .unwrap()
+            .cooldowns(cooldowns)
+            .refresh(Duration::from_millis(50))
+            .unwrap(),
+    )
+}
+
+/// Sends through `layer` every 10 ms until primary serves it again (at most 5 s).
+async fn until_primary_serves(layer: FallbackLayer, client: Scripted) {
+    let start = Instant::now();
+    loop {
+        let (status, report) = send(&layer, &client).await;
+        assert_eq!(status, StatusCode::OK);
+        if report.served_by().map(|a| a.target()) == Some("primary") {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "primary never served again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_shared_cooldown_one_replica_probes_for_the_fleet_and_its_success_reopens_it() {
+    let redis = RedisServer::start();
+    let p = prefix("fleet-probe");
+    let cooldowns = || {
+        Cooldowns::new()
+            .failures(1)
+            .cooldown(Duration::from_millis(800))
+    };
+    let (a, b) = (
+        replica(&redis, &p, cooldowns()),
+        replica(&redis, &p, cooldowns()),
+    );
+    // primary: a 429 opens the cooldown; the probe after it takes 400 ms and succeeds.
+    let probe_time = Duration::from_millis(400);
+    let client = Scripted::new(&[(
+        "primary",
+        vec![
+            Act::status(429),
+            Act::status(200).after(probe_time),
+            Act::status(200),
+        ],
+    )]);
+    let start = tokio::time::Instant::now();
+    let (_, report) = send(&a, &client).await;
+    assert_eq!(report.served_by().unwrap().target(), "secondary");
+    // B learns of it (over a client of its own: B's calls before it learns are not counted).
+    until_skipped(&b, &Scripted::new(&[]), "primary", Duration::from_secs(5)).await;
+    // Both replicas send all along; each replica's cooldown ends at the same moment.
+    let both =
+        [a.clone(), b.clone()].map(|l| tokio::spawn(until_primary_serves(l, client.clone())));
+    for replica in both {
+        replica.await.unwrap();
+    }
+    let calls = client.times("primary", start);
+    assert!(calls.len() >= 3, "{calls:?}");
+    // The second call is the probe; nothing else reached primary until it answered.
+    assert!(
+        calls[2] - calls[1] >= probe_time,
+        "a second probe went out while the first was in flight: {calls:?}"
+    );
+    let key = |kind: &str| format!("{p}:{kind}:primary|http://primary/v1|");
+    let exists = |key: String| -> i64 {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query(&mut redis.conn())
+            .expect("EXISTS")
+    };
+    assert_eq!(exists(key("probe")), 0, "the probe's lock was given back");
+    assert_eq!(
+        exists(key("open")),
+        0,
+        "its success closed the target for the fleet"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_counted_by_several_replicas_open_the_breaker_for_all() {
     let redis = RedisServer::start();
     let p = prefix("counts");
     let shared = |_| {
-        hosts(&["primary", "secondary"]).redis_health(
-            RedisHealth::new(&redis.url(), &p)
-                .unwrap()
-                .cooldowns(
-                    Cooldowns::new()
-                        .failures(3)
-                        .cooldown(Duration::from_secs(20)),
-                )
-                .refresh(Duration::from_millis(50))
-                .unwrap(),
-        )
+        let cooldowns = Cooldowns::new()
+            .failures(3)
+            .cooldown(Duration::from_secs(20));
+        replica(&redis, &p, cooldowns)
     };
     let replicas: Vec<FallbackLayer> = (0..3).map(shared).collect();
     let failing = Scripted::new(&[("primary", vec![Act::status(503)])]);
@@ -470,7 +547,15 @@ async fn a_failed_probe_opens_the_shared_cooldown_again() {
     // for every replica, as it does for A.
     until("the cooldown ends", &|| a.cooling_for(id).is_zero());
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(a.admit(id), Admission::Probe);
+    // One probe for the fleet: A asks for the lock and is granted it within a refresh or two;
+    // B, whose cooldown ended too, asks and keeps skipping while A holds it.
+    until("A is granted the fleet's probe", &|| {
+        a.admit(id) == Admission::Probe
+    });
+    for _ in 0..20 {
+        assert_eq!(b.admit(id), Admission::Cooling(Duration::ZERO));
+        std::thread::sleep(Duration::from_millis(10));
+    }
     a.record(id, fail, true);
     assert!(!a.cooling_for(id).is_zero());
     until("B learns that the probe failed", &|| {

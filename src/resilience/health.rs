@@ -278,6 +278,19 @@ impl Cooldowns {
             .unwrap_or(true)
     }
 
+    /// Whether target `index`'s cooldown has ended and no probe has closed it yet.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn awaits_probe(&self, index: usize) -> bool {
+        self.with(index, |s, now| s.open_until.is_some_and(|u| now >= u))
+            .unwrap_or(false)
+    }
+
+    /// Closes target `index`'s breaker: a probe elsewhere succeeded.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn close(&self, index: usize) {
+        self.with(index, |s, _| *s = TargetHealth::default());
+    }
+
     /// Extends the cooldown of target `index` to at least `left` from now (a cooldown learnt
     /// elsewhere); never shortens it, and leaves the failure count and probe alone.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]

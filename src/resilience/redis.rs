@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Script};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
 
 use super::health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
@@ -23,11 +24,18 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 const QUEUE: usize = 1024;
 /// The default refresh interval.
 const DEFAULT_REFRESH: Duration = Duration::from_millis(200);
+/// How long the fleet's probe lock is held by default: long enough for one attempt.
+const DEFAULT_PROBE_LOCK: Duration = Duration::from_secs(30);
+/// How long a target stays marked open after its cooldown, waiting for a probe to close it; past
+/// it, with no probe, every replica probes on its own again.
+const OPEN_MARK_SLACK: Duration = Duration::from_secs(600);
 
-/// A failure: counts it in the shared window and extends the cooldown when it calls for one.
-/// KEYS: fails, cool. ARGV: window ms, threshold, cooldown ms, asked-for cooldown ms (0: none),
-/// 1 when the replica's breaker was open (a failed probe re-opens it everywhere).
-/// Returns the cooldown left in ms (0 when none).
+/// A failure: counts it in the shared window and extends the cooldown when it calls for one;
+/// while a cooldown runs, marks the target open until a probe closes it; a failed probe gives
+/// its lock back. KEYS: fails, cool, open, probe lock. ARGV: window ms, threshold, cooldown ms,
+/// asked-for cooldown ms (0: none), 1 when the replica's breaker was open (a failed probe
+/// re-opens it everywhere), the replica's token when the attempt was its probe (else ''), how
+/// long the open mark outlives the cooldown in ms. Returns the cooldown left in ms (0 when none).
 const FAILURE_SCRIPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -40,7 +48,32 @@ if want > 0 and want > ttl then
   redis.call('SET', KEYS[2], '1', 'PX', want)
   ttl = want
 end
+if ttl > 0 then redis.call('SET', KEYS[3], '1', 'PX', ttl + tonumber(ARGV[7])) end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
 return math.max(ttl, 0)
+";
+
+/// A bid for a target's probe lock: won when it is free or already this replica's (then held
+/// for a whole lock again). KEYS: probe lock. ARGV: the replica's token, the lock in ms.
+/// Returns 1 when won.
+const BID_SCRIPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// A success resets the shared failure count and, once no shared cooldown runs, closes the target
+/// for every replica (a success sent before the cooldown began proves nothing); a probe that ends
+/// either way gives its lock back. KEYS: fails, open, probe lock, cool. ARGV: 1 for a success,
+/// the replica's token when the attempt was its probe (else '').
+const SETTLE_SCRIPT: &str = r"
+if ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1])
+  if redis.call('PTTL', KEYS[4]) <= 0 then redis.call('DEL', KEYS[2]) end
+end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[3]) == ARGV[2] then redis.call('DEL', KEYS[3]) end
+return 0
 ";
 
 /// Extends a cooldown to at least ARGV[1] ms from now; never shortens it. KEYS: cool.
@@ -219,13 +252,26 @@ impl Connection {
 /// A success at a replica that has seen failures of a target resets the target's shared failure
 /// count; the success path of a healthy target sends nothing to Redis. Cooldown keys are never
 /// deleted early: a `Retry-After` is the provider's word for every replica, so they run out on
-/// their own. After a shared cooldown ends, each replica lets one probe through, so `n` replicas
-/// may send up to `n` probes; a failed probe opens the shared cooldown again. Keys are
-/// `{prefix}:cool:{target}`, `{prefix}:fails:{target}` and `{prefix}:budget:{slot}`, with `{target}` the target's `name|base_url|model` (and a 32-bit
-/// fingerprint of its key, so that two keys for one model are two quota pools), so several
-/// gateways (with different prefixes, or the same targets under the same prefix) can share one
-/// Redis. The budget's script names its slot keys itself, so it needs a single Redis node, not a
-/// cluster.
+/// their own.
+///
+/// After a shared cooldown ends, the fleet sends one probe: a cooldown marks the target open in
+/// Redis, and while it is open a replica whose request would probe skips the target instead and
+/// bids, at its next refresh, for a short lock (`SET … PX` of [`probe_lock`](RedisHealth::probe_lock),
+/// 30 s by default, in one script that only the lock's holder or nobody can win). The winner's next
+/// request is the probe; the others keep skipping. A successful probe clears the mark and each
+/// other replica closes its breaker at its next refresh; a failed one opens the shared cooldown
+/// again; a dropped one gives the lock back. The probe therefore starts up to one refresh after
+/// the cooldown ends. While Redis cannot be reached, each replica probes on its own as
+/// [`Cooldowns`] does.
+///
+/// Keys are `{prefix}:cool:{target}`, `{prefix}:fails:{target}`, `{prefix}:open:{target}`,
+/// `{prefix}:probe:{target}` and `{prefix}:budget:{slot}`, with `{target}` the target's
+/// `name|base_url|model` (and a 32-bit fingerprint of its key, so that two keys for one model are
+/// two quota pools), so several gateways (with different prefixes, or the same targets under the
+/// same prefix) can share one Redis. **A single Redis node is required** (a Sentinel-managed
+/// primary is one): the scripts touch several keys of a target at once and the budget's script
+/// names its slot keys itself, which Redis Cluster refuses across hash slots; the client does not
+/// follow cluster redirections either.
 ///
 /// The background task runs on the tokio runtime that first uses the store (which needs its time
 /// driver, as the layer's timers do).
@@ -250,6 +296,7 @@ impl Connection {
 pub struct RedisHealth {
     link: Link,
     cooldowns: Cooldowns,
+    probe_lock: Duration,
     core: Option<Arc<HealthCore>>,
 }
 
@@ -261,6 +308,45 @@ struct HealthCore {
     started: AtomicBool,
     dropped: AtomicU64,
     errors: AtomicU64,
+    /// Per target: where the fleet's one probe stands, as this replica knows it.
+    fleet: Vec<FleetProbe>,
+    /// This replica's value in the probe locks it holds.
+    token: String,
+    probe_lock: Duration,
+    /// Redis answered the last round: the fleet's probe lock is in force.
+    linked: AtomicBool,
+}
+
+/// One target's probe, fleet-wide: once a cooldown ends, only the replica holding the target's
+/// lock sends the probe; the others skip it until the outcome reaches them.
+#[derive(Default)]
+struct FleetProbe {
+    /// Redis has the target open: a cooldown began that no probe has closed yet.
+    open: AtomicBool,
+    /// A request here would have probed: take the lock at the next round.
+    wanted: AtomicBool,
+    /// This replica holds the lock, until then: its next admission is the probe.
+    granted: Mutex<Option<Instant>>,
+}
+
+impl HealthCore {
+    /// Whether target `index`'s probe is the fleet's to send, not this replica's alone.
+    fn gated(&self, index: usize) -> bool {
+        self.linked.load(Ordering::Acquire)
+            && self
+                .fleet
+                .get(index)
+                .is_some_and(|f| f.open.load(Ordering::Acquire))
+    }
+
+    /// Takes this replica's grant for target `index`, if it holds an unexpired one.
+    fn take_grant(&self, index: usize) -> bool {
+        let Some(fleet) = self.fleet.get(index) else {
+            return false;
+        };
+        let mut granted = fleet.granted.lock().unwrap_or_else(|e| e.into_inner());
+        granted.take().is_some_and(|until| Instant::now() < until)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -270,8 +356,14 @@ enum HealthEvent {
         at_least: Option<Duration>,
         /// The breaker was open at this replica (a failed probe, or a failure while cooling).
         reopen: bool,
+        probe: bool,
     },
     Success {
+        index: usize,
+        probe: bool,
+    },
+    /// A probe ended with nothing learnt (it was dropped): its lock is given back.
+    Released {
         index: usize,
     },
 }
@@ -287,6 +379,7 @@ impl fmt::Debug for RedisHealth {
         f.debug_struct("RedisHealth")
             .field("link", &self.link)
             .field("cooldowns", &self.cooldowns)
+            .field("probe_lock", &self.probe_lock)
             .field("bound", &self.core.is_some())
             .finish()
     }
@@ -299,6 +392,7 @@ impl RedisHealth {
         Ok(RedisHealth {
             link: Link::new(url, prefix)?,
             cooldowns: Cooldowns::new(),
+            probe_lock: DEFAULT_PROBE_LOCK,
             core: None,
         })
     }
@@ -314,6 +408,17 @@ impl RedisHealth {
     /// learnt by another replica may take to arrive, and one Redis round trip per interval.
     pub fn refresh(mut self, every: Duration) -> Result<Self, ConfigError> {
         self.link.refresh(every)?;
+        Ok(self)
+    }
+
+    /// How long the replica that sends a target's probe holds the fleet's lock on it (default
+    /// 30 s): long enough for one attempt. If the probe outlives it (or the replica dies), another
+    /// replica may probe after it.
+    pub fn probe_lock(mut self, lock: Duration) -> Result<Self, ConfigError> {
+        if lock < Duration::from_millis(1) {
+            return Err(ConfigError::new("probe_lock_ms", "must be at least 1"));
+        }
+        self.probe_lock = lock;
         Ok(self)
     }
 
@@ -381,14 +486,31 @@ impl HealthStore for RedisHealth {
             started: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            fleet: targets.iter().map(|_| FleetProbe::default()).collect(),
+            token: replica_token(),
+            probe_lock: self.probe_lock,
+            linked: AtomicBool::new(false),
         });
         start_health(&core);
         self.core = Some(core);
     }
 
     fn admit(&self, target: TargetId<'_>) -> Admission {
-        self.core()
-            .map_or(Admission::Open, |core| core.local.admit(target))
+        let Some(core) = self.core() else {
+            return Admission::Open;
+        };
+        match core.local.admit(target) {
+            Admission::Probe if core.gated(target.index) && !core.take_grant(target.index) => {
+                // The fleet sends one probe: this replica asks for the lock and skips the
+                // target meanwhile, giving back the local probe it was just handed.
+                core.local.record(target, HealthOutcome::Neutral, true);
+                if let Some(fleet) = core.fleet.get(target.index) {
+                    fleet.wanted.store(true, Ordering::Release);
+                }
+                Admission::Cooling(Duration::ZERO)
+            }
+            admission => admission,
+        }
     }
 
     fn cooling_for(&self, target: TargetId<'_>) -> Duration {
@@ -408,51 +530,101 @@ impl HealthStore for RedisHealth {
                     index: target.index,
                     at_least,
                     reopen,
+                    probe,
                 });
             }
             HealthOutcome::Success => {
                 // Only a success after failures is news for Redis: the success path of a healthy
                 // target never queues anything.
-                let news = !core.local.is_clean(target.index);
+                let news = probe || !core.local.is_clean(target.index);
                 core.local.record(target, outcome, probe);
                 if news {
                     self.send(HealthEvent::Success {
                         index: target.index,
+                        probe,
                     });
                 }
             }
-            HealthOutcome::Neutral => core.local.record(target, outcome, probe),
+            HealthOutcome::Neutral => {
+                core.local.record(target, outcome, probe);
+                if probe {
+                    self.send(HealthEvent::Released {
+                        index: target.index,
+                    });
+                }
+            }
         }
     }
+}
+
+/// A value no other replica's probe lock holds.
+fn replica_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
 }
 
 /// The Redis side of a health store: its keys and scripts.
 struct HealthKeys {
     cool: Vec<String>,
     fails: Vec<String>,
+    open: Vec<String>,
+    probe: Vec<String>,
     settings: crate::resilience::health::CooldownSettings,
     failure: Script,
     extend: Script,
+    settle: Script,
+    bid: Script,
+    /// How long a won bid may wait for a request to probe with (two refreshes, within the lock).
+    grant: Duration,
+}
+
+/// The keys of one target.
+struct TargetKeys<'a> {
+    fails: &'a str,
+    cool: &'a str,
+    open: &'a str,
+    probe: &'a str,
+}
+
+impl HealthKeys {
+    fn of(&self, index: usize) -> Option<TargetKeys<'_>> {
+        Some(TargetKeys {
+            fails: self.fails.get(index)?,
+            cool: self.cool.get(index)?,
+            open: self.open.get(index)?,
+            probe: self.probe.get(index)?,
+        })
+    }
+
+    fn new(core: &HealthCore, link: &Link) -> Self {
+        let prefix = &link.prefix;
+        let keys = |kind: &str| {
+            core.keys
+                .iter()
+                .map(|k| format!("{prefix}:{kind}:{k}"))
+                .collect()
+        };
+        HealthKeys {
+            cool: keys("cool"),
+            fails: keys("fails"),
+            open: keys("open"),
+            probe: keys("probe"),
+            settings: core.local.settings(),
+            failure: Script::new(FAILURE_SCRIPT),
+            extend: Script::new(EXTEND_SCRIPT),
+            settle: Script::new(SETTLE_SCRIPT),
+            bid: Script::new(BID_SCRIPT),
+            grant: (link.refresh * 2).min(core.probe_lock / 2),
+        }
+    }
 }
 
 async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
     let HealthTask { mut rx, link } = task;
     let keys = match core.upgrade() {
-        Some(core) => HealthKeys {
-            cool: core
-                .keys
-                .iter()
-                .map(|k| format!("{}:cool:{k}", link.prefix))
-                .collect(),
-            fails: core
-                .keys
-                .iter()
-                .map(|k| format!("{}:fails:{k}", link.prefix))
-                .collect(),
-            settings: core.local.settings(),
-            failure: Script::new(FAILURE_SCRIPT),
-            extend: Script::new(EXTEND_SCRIPT),
-        },
+        Some(core) => HealthKeys::new(&core, &link),
         None => return,
     };
     let mut conn = Connection::new(link.clone(), "health store");
@@ -476,6 +648,7 @@ async fn health_task(core: Weak<HealthCore>, task: HealthTask) {
             Some(c) => sync_health(&core, &keys, c, &mut batch, fresh).await,
             None => Err(None),
         };
+        core.linked.store(result.is_ok(), Ordering::Release);
         if let Err(e) = result {
             core.errors.fetch_add(1, Ordering::Relaxed);
             // What the failed round did not get to.
@@ -516,44 +689,126 @@ async fn sync_health(
         }
     }
     for event in batch.drain(..) {
-        match event {
-            HealthEvent::Failure {
-                index,
-                at_least,
-                reopen,
-            } => {
-                let (Some(fails), Some(cool)) = (keys.fails.get(index), keys.cool.get(index))
-                else {
-                    continue;
-                };
-                let settings = &keys.settings;
-                let left: u64 = keys
-                    .failure
-                    .key(fails)
-                    .key(cool)
-                    .arg(ttl_ms(settings.window).max(1))
-                    .arg(settings.failures)
-                    .arg(ttl_ms(settings.cooldown))
-                    .arg(at_least.map_or(0, ttl_ms))
-                    .arg(u8::from(reopen))
-                    .invoke_async(c)
-                    .await?;
-                apply(core, index, left);
-            }
-            HealthEvent::Success { index } => {
-                if let Some(fails) = keys.fails.get(index) {
-                    redis::cmd("DEL").arg(fails).query_async::<i64>(c).await?;
-                }
-            }
-        }
+        send_event(core, keys, c, event).await?;
     }
     let mut pipe = redis::pipe();
-    for key in &keys.cool {
-        pipe.cmd("PTTL").arg(key);
+    for (cool, open) in keys.cool.iter().zip(&keys.open) {
+        pipe.cmd("PTTL").arg(cool).cmd("EXISTS").arg(open);
     }
-    let ttls: Vec<i64> = pipe.query_async(c).await?;
-    for (index, ttl) in ttls.into_iter().enumerate() {
-        apply(core, index, u64::try_from(ttl).unwrap_or(0));
+    let read: Vec<i64> = pipe.query_async(c).await?;
+    for (index, pair) in read.chunks(2).enumerate() {
+        let (ttl, open) = (pair[0], pair.get(1) == Some(&1));
+        let ttl = u64::try_from(ttl).unwrap_or(0);
+        apply(core, index, ttl);
+        follow_probe(core, keys, c, index, open, ttl == 0).await?;
+    }
+    Ok(())
+}
+
+/// One event of this replica, written to Redis.
+async fn send_event(
+    core: &HealthCore,
+    keys: &HealthKeys,
+    c: &mut MultiplexedConnection,
+    event: HealthEvent,
+) -> Result<(), redis::RedisError> {
+    let token = |probe: bool| if probe { core.token.as_str() } else { "" };
+    match event {
+        HealthEvent::Failure {
+            index,
+            at_least,
+            reopen,
+            probe,
+        } => {
+            let Some(k) = keys.of(index) else {
+                return Ok(());
+            };
+            let settings = &keys.settings;
+            let left: u64 = keys
+                .failure
+                .key(k.fails)
+                .key(k.cool)
+                .key(k.open)
+                .key(k.probe)
+                .arg(ttl_ms(settings.window).max(1))
+                .arg(settings.failures)
+                .arg(ttl_ms(settings.cooldown))
+                .arg(at_least.map_or(0, ttl_ms))
+                .arg(u8::from(reopen))
+                .arg(token(probe))
+                .arg(ttl_ms(OPEN_MARK_SLACK))
+                .invoke_async(c)
+                .await?;
+            apply(core, index, left);
+        }
+        HealthEvent::Success { index, probe } => settle(keys, c, index, true, token(probe)).await?,
+        HealthEvent::Released { index } => settle(keys, c, index, false, &core.token).await?,
+    }
+    Ok(())
+}
+
+async fn settle(
+    keys: &HealthKeys,
+    c: &mut MultiplexedConnection,
+    index: usize,
+    success: bool,
+    token: &str,
+) -> Result<(), redis::RedisError> {
+    let Some(k) = keys.of(index) else {
+        return Ok(());
+    };
+    keys.settle
+        .key(k.fails)
+        .key(k.open)
+        .key(k.probe)
+        .key(k.cool)
+        .arg(u8::from(success))
+        .arg(token)
+        .invoke_async::<i64>(c)
+        .await
+        .map(drop)
+}
+
+/// The fleet's probe of target `index`, as Redis has it: `open`, a cooldown began that no probe
+/// has closed yet; `over`, no shared cooldown runs. A target this replica saw open and now sees
+/// closed was closed by another replica's probe; one open whose cooldown is over, here and in
+/// Redis, and that a request wanted, gets this replica's bid for the lock.
+async fn follow_probe(
+    core: &HealthCore,
+    keys: &HealthKeys,
+    c: &mut MultiplexedConnection,
+    index: usize,
+    open: bool,
+    over: bool,
+) -> Result<(), redis::RedisError> {
+    let (Some(fleet), Some(lock)) = (core.fleet.get(index), keys.probe.get(index)) else {
+        return Ok(());
+    };
+    let was_open = fleet.open.swap(open, Ordering::AcqRel);
+    if !open {
+        if over && was_open && core.local.is_open(index) {
+            core.local.close(index);
+        }
+        return Ok(());
+    }
+    if !over {
+        return Ok(());
+    }
+    if !core.local.awaits_probe(index) || !fleet.wanted.swap(false, Ordering::AcqRel) {
+        return Ok(());
+    }
+    let won: i64 = keys
+        .bid
+        .key(lock)
+        .arg(&core.token)
+        .arg(ttl_ms(core.probe_lock).max(1))
+        .invoke_async(c)
+        .await?;
+    if won == 1 {
+        // Taken by a request soon, or bid for again: the probe it starts has the rest of the
+        // lock to finish in before another replica may probe.
+        let until = Instant::now() + keys.grant;
+        *fleet.granted.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
     }
     Ok(())
 }
