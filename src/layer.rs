@@ -210,8 +210,8 @@ impl FallbackLayer {
         let n = self.shared.targets.len();
         let shared = Arc::make_mut(&mut self.shared);
         shared.quota_cooldown = cooldowns.settings().quota_cooldown;
-        shared.health = Some(Arc::new(Bound::new(
-            Box::new(cooldowns.for_targets(n)),
+        shared.health = Some(Arc::new(Bound::in_memory(
+            cooldowns.for_targets(n),
             shared.target_keys.clone(),
         )));
         self
@@ -277,6 +277,55 @@ impl FallbackLayer {
     /// The layer's counters, shared by every service it builds (see [`Stats`]).
     pub fn stats(&self) -> Stats {
         self.shared.stats.clone()
+    }
+
+    /// How long target `index` (its place in [`targets`](Self::targets)) still cools down: zero
+    /// when it is available, or when the layer has no cooldowns. No side effects: what a
+    /// readiness check or a gauge asks.
+    pub fn cooling_for(&self, index: usize) -> Duration {
+        self.shared
+            .health
+            .as_ref()
+            .map_or(Duration::ZERO, |health| health.cooling_for(index))
+    }
+
+    /// Carries `previous`'s state over to this layer, for every target that is the same in
+    /// both (same name, base URL, model and credential): its [`Stats`] counters and, when both
+    /// layers keep cooldowns in memory, its cooldown, shared from now on with `previous` (so
+    /// requests still in flight on the old layer report to the same place). The request
+    /// totals carry over too; the fallbacks by pair of targets start again. What a config
+    /// reload calls last, once the new layer is built.
+    ///
+    /// ```
+    /// use tower_model_fallback::{Cooldowns, FallbackLayer, Target};
+    ///
+    /// let old = FallbackLayer::new([Target::new("http://a.example").unwrap()])?
+    ///     .cooldowns(Cooldowns::new());
+    /// let new = FallbackLayer::new([
+    ///     Target::new("http://a.example").unwrap(),
+    ///     Target::new("http://b.example").unwrap(),
+    /// ])?
+    /// .cooldowns(Cooldowns::new())
+    /// .carry_over(&old);
+    /// assert_eq!(new.stats().snapshot().targets.len(), 2);
+    /// # Ok::<(), tower_model_fallback::ConfigError>(())
+    /// ```
+    pub fn carry_over(mut self, previous: &FallbackLayer) -> Self {
+        let old_keys = &previous.shared.target_keys;
+        let same: Vec<Option<usize>> = self
+            .shared
+            .target_keys
+            .iter()
+            .map(|key| old_keys.iter().position(|old| old == key))
+            .collect();
+        let shared = Arc::make_mut(&mut self.shared);
+        shared.stats = shared.stats.carried_from(&previous.shared.stats, &same);
+        if let (Some(mine), Some(theirs)) = (&shared.health, &previous.shared.health) {
+            if let Some(carried) = mine.carried_from(theirs, &same) {
+                shared.health = Some(Arc::new(carried));
+            }
+        }
+        self
     }
 
     /// Whether to keep [`Stats`] (default `true`; the counters are atomics, no lock).

@@ -179,8 +179,9 @@ pub use policy::{
 pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, SkipReason, StopReason, Usage};
 pub use request::ReplayBody;
 pub use resilience::{
-    Admission, Bucket, Cooldowns, HealthOutcome, HealthStore, Hedge, Retries, Stats, StatsSnapshot,
-    TargetId, TargetStats, LATENCY_BUCKETS_MS,
+    Admission, Bucket, Cooldowns, FallbackCount, HealthOutcome, HealthStore, Hedge,
+    HistogramSnapshot, LatencyHistogram, Retries, Stats, StatsSnapshot, TargetId, TargetStats,
+    OUTCOMES,
 };
 #[cfg(feature = "redis")]
 pub use resilience::{RedisBudget, RedisHealth};

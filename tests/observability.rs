@@ -52,7 +52,7 @@ async fn stats_count_every_outcome_per_target_and_the_fallback_rate() {
     );
     assert_eq!((p.fallbacks_triggered, p.cooldown_skips), (3, 1));
     assert_eq!((f.attempts, f.successes), (4, 4));
-    assert_eq!(p.latency_histogram.iter().map(|b| b.count).sum::<u64>(), 5);
+    assert_eq!(p.latency_histogram.count(), 5);
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["targets"][0]["name"], "primary");
     assert!(s.to_string().contains("fallback_rate=0.667"), "{s}");

@@ -458,7 +458,7 @@ impl<R: Body> Engine<R> {
             self.report.served = Some(*served);
         }
         if self.shared.record_stats && self.report.fell_back() {
-            self.shared.stats.fell_back();
+            self.shared.stats.fell_back(&self.report);
         }
         let ending = match ending {
             Ending::Answer(peek, served) => {

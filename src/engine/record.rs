@@ -64,10 +64,9 @@ pub(crate) fn record(
             (Decision::Return, AttemptOutcome::Status(s)) if s.as_u16() < 400 => Tally::Success,
             (Decision::Return, _) => Tally::NonRetryable,
         };
-        let error = matches!(attempt.outcome, AttemptOutcome::Error { .. });
         shared
             .stats
-            .attempt(flight.index, tally, error, attempt.elapsed);
+            .attempt(flight.index, tally, &attempt.outcome, attempt.elapsed);
     }
     log(&attempt, report.attempts.len() + 1);
     report.push(attempt);

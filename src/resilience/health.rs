@@ -75,11 +75,67 @@ pub trait HealthStore: Send + Sync + 'static {
 pub(crate) struct Bound {
     store: Box<dyn HealthStore>,
     keys: Arc<[Box<str>]>,
+    /// The store, when it is the layer's in-memory [`Cooldowns`]: a config reload can share
+    /// its state.
+    memory: Option<Arc<Cooldowns>>,
+}
+
+/// In-memory cooldowns shared by two layers' stores (the old and the new config's).
+struct SharedCooldowns(Arc<Cooldowns>);
+
+impl HealthStore for SharedCooldowns {
+    fn admit(&self, target: TargetId<'_>) -> Admission {
+        self.0.admit(target)
+    }
+
+    fn cooling_for(&self, target: TargetId<'_>) -> Duration {
+        self.0.cooling_for(target)
+    }
+
+    fn record(&self, target: TargetId<'_>, outcome: HealthOutcome, probe: bool) {
+        self.0.record(target, outcome, probe)
+    }
 }
 
 impl Bound {
     pub(crate) fn new(store: Box<dyn HealthStore>, keys: Arc<[Box<str>]>) -> Self {
-        Bound { store, keys }
+        Bound {
+            store,
+            keys,
+            memory: None,
+        }
+    }
+
+    /// Bound to in-memory cooldowns.
+    pub(crate) fn in_memory(cooldowns: Cooldowns, keys: Arc<[Box<str>]>) -> Self {
+        let memory = Arc::new(cooldowns);
+        Bound {
+            store: Box::new(SharedCooldowns(memory.clone())),
+            keys,
+            memory: Some(memory),
+        }
+    }
+
+    /// This store, its in-memory state shared with `previous`'s for each target `j` with
+    /// `same[j] == Some(i)`; `None` unless both are in memory (a shared store keeps its state
+    /// by itself).
+    pub(crate) fn carried_from(&self, previous: &Bound, same: &[Option<usize>]) -> Option<Bound> {
+        let (mine, theirs) = (self.memory.as_ref()?, previous.memory.as_ref()?);
+        let targets = mine
+            .targets
+            .iter()
+            .zip(same.iter().chain(std::iter::repeat(&None)))
+            .map(|(slot, same)| {
+                same.and_then(|i| theirs.targets.get(i))
+                    .unwrap_or(slot)
+                    .clone()
+            })
+            .collect();
+        let cooldowns = Cooldowns {
+            settings: mine.settings,
+            targets,
+        };
+        Some(Bound::in_memory(cooldowns, self.keys.clone()))
     }
 
     fn id(&self, index: usize) -> Option<TargetId<'_>> {
@@ -177,7 +233,8 @@ impl Drop for Ticket {
 /// ```
 pub struct Cooldowns {
     settings: CooldownSettings,
-    targets: Vec<Mutex<TargetHealth>>,
+    /// One slot per target; an `Arc` so that a config reload can hand a target's slot on.
+    targets: Vec<Arc<Mutex<TargetHealth>>>,
 }
 
 /// The tunables of [`Cooldowns`].
@@ -303,7 +360,7 @@ impl Cooldowns {
 
     /// Sized for `targets` targets (the layer does this when it is built).
     pub(crate) fn for_targets(mut self, targets: usize) -> Self {
-        self.targets = (0..targets).map(|_| Mutex::default()).collect();
+        self.targets = (0..targets).map(|_| Arc::default()).collect();
         self
     }
 
@@ -406,6 +463,27 @@ mod tests {
         );
         c.record(id(0), HealthOutcome::Success, false);
         assert_eq!(c.admit(id(0)), Admission::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_carried_over_target_shares_its_cooldown_and_a_new_one_starts_clean() {
+        let keys: Arc<[Box<str>]> = Arc::from(vec![Box::from("a"), Box::from("b")]);
+        let fail = HealthOutcome::Failure {
+            at_least: Some(Duration::from_secs(30)),
+        };
+        let old = Bound::in_memory(Cooldowns::new().for_targets(2), keys.clone());
+        old.store.record(id(1), fail, false);
+        // The new config: `b` first (it was old target 1), then a new target.
+        let new = Bound::in_memory(Cooldowns::new().for_targets(2), keys.clone())
+            .carried_from(&old, &[Some(1), None])
+            .unwrap();
+        assert_eq!(new.cooling_for(0), Duration::from_secs(30));
+        assert_eq!(new.cooling_for(1), Duration::ZERO);
+        // A request still in flight on the old config reports to the same place.
+        old.store.record(id(1), HealthOutcome::Success, false);
+        assert_eq!(new.cooling_for(0), Duration::ZERO);
+        let shared = Bound::new(Box::new(Cooldowns::new().for_targets(2)), keys);
+        assert!(shared.carried_from(&old, &[Some(1), None]).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,6 +4,7 @@
 
 pub(crate) mod balance;
 pub(crate) mod health;
+pub(crate) mod histogram;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 pub(crate) mod retries;
@@ -14,8 +15,9 @@ use std::time::{Duration, Instant};
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBudget, RedisHealth};
 pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};
+pub use histogram::{Bucket, HistogramSnapshot, LatencyHistogram};
 pub use retries::{Hedge, Retries};
-pub use stats::{Bucket, Stats, StatsSnapshot, TargetStats, LATENCY_BUCKETS_MS};
+pub use stats::{FallbackCount, Stats, StatsSnapshot, TargetStats, OUTCOMES};
 
 /// `now + duration`, saturating far in the future instead of overflowing.
 pub(crate) fn later(now: Instant, duration: Duration) -> Instant {

@@ -1,5 +1,6 @@
 //! Counters per target, kept with atomics (no lock on the request path), read as a snapshot.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -7,13 +8,34 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Upper bounds of the latency histogram's buckets, in milliseconds (the last is unbounded).
-pub const LATENCY_BUCKETS_MS: [u64; 12] =
-    [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
+use super::histogram::{HistogramSnapshot, LatencyHistogram};
+use crate::policy::ErrorKind;
+use crate::report::{AttemptOutcome, FallbackReport};
 
-/// A cheap handle on a layer's counters: per target, attempts, successes, retryable failures,
-/// non-retryable returns, fallbacks triggered, cooldown skips and a latency histogram; overall,
-/// requests and how many fell back. Every clone of the layer and of its services shares them.
+/// The names of what an attempt came to, as [`TargetStats::outcomes`] counts them: a status
+/// class, an error kind, a stream whose first event was an error, or a hedged attempt dropped.
+pub const OUTCOMES: [&str; 14] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "timeout",
+    "connect",
+    "closed",
+    "overloaded",
+    "protocol",
+    "io",
+    "error",
+    "error_event",
+    "superseded",
+];
+
+/// A cheap handle on a layer's counters: per target, attempts (by outcome), successes,
+/// retryable failures, non-retryable returns, fallbacks triggered, retries, cooldown skips,
+/// tokens, cost, and histograms of attempt latency and time to first content; per pair of
+/// targets, fallbacks from one to the other; overall, requests and how many fell back. Every
+/// clone of the layer and of its services shares them.
 ///
 /// ```
 /// use tower_model_fallback::{FallbackLayer, Target};
@@ -33,9 +55,16 @@ struct Inner {
     names: Box<[Arc<str>]>,
     /// Each target's group, when it is a member of one.
     groups: Box<[Option<Arc<str>>]>,
+    totals: Arc<Totals>,
+    targets: Box<[Arc<Counters>]>,
+    /// `from * n + to`: fallbacks from target `from` to target `to`.
+    fallbacks: Box<[AtomicU64]>,
+}
+
+#[derive(Default)]
+struct Totals {
     requests: AtomicU64,
     fell_back: AtomicU64,
-    targets: Box<[Counters]>,
 }
 
 #[derive(Default)]
@@ -49,8 +78,9 @@ struct Counters {
     retries: AtomicU64,
     cooldown_skips: AtomicU64,
     superseded: AtomicU64,
-    latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
-    latency_total_us: AtomicU64,
+    outcomes: [AtomicU64; OUTCOMES.len()],
+    latency: LatencyHistogram,
+    first_content: LatencyHistogram,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
     cost_nano_usd: AtomicU64,
@@ -66,19 +96,33 @@ pub(crate) enum Tally {
     Superseded,
 }
 
+/// The place of `outcome` in [`OUTCOMES`].
+fn outcome_slot(outcome: &AttemptOutcome) -> usize {
+    let kind = |kind: &ErrorKind| match kind {
+        ErrorKind::Timeout => 5,
+        ErrorKind::Connect => 6,
+        ErrorKind::Closed => 7,
+        ErrorKind::Overloaded => 8,
+        ErrorKind::Protocol => 9,
+        ErrorKind::Io => 10,
+        ErrorKind::Other => 11,
+    };
+    match outcome {
+        AttemptOutcome::Status(s) => usize::from(s.as_u16() / 100).clamp(1, 5) - 1,
+        AttemptOutcome::Error { kind: k, .. } | AttemptOutcome::BodyFailed { kind: k, .. } => {
+            kind(k)
+        }
+        AttemptOutcome::ErrorEvent { .. } => 12,
+        AttemptOutcome::Superseded => 13,
+    }
+}
+
 impl Stats {
     pub(crate) fn new(names: impl IntoIterator<Item = Arc<str>>) -> Self {
         let names: Box<[Arc<str>]> = names.into_iter().collect();
-        let targets = names.iter().map(|_| Counters::default()).collect();
-        Stats {
-            inner: Arc::new(Inner {
-                groups: names.iter().map(|_| None).collect(),
-                names,
-                requests: AtomicU64::new(0),
-                fell_back: AtomicU64::new(0),
-                targets,
-            }),
-        }
+        let targets = names.iter().map(|_| Arc::default()).collect();
+        let groups = names.iter().map(|_| None).collect();
+        Stats::with_parts(names, groups, Arc::default(), targets)
     }
 
     /// Names each target's group (before the stats are shared).
@@ -94,12 +138,64 @@ impl Stats {
         self
     }
 
-    pub(crate) fn request(&self) {
-        self.inner.requests.fetch_add(1, Relaxed);
+    fn with_parts(
+        names: Box<[Arc<str>]>,
+        groups: Box<[Option<Arc<str>>]>,
+        totals: Arc<Totals>,
+        targets: Box<[Arc<Counters>]>,
+    ) -> Self {
+        let n = names.len();
+        Stats {
+            inner: Arc::new(Inner {
+                names,
+                groups,
+                totals,
+                targets,
+                fallbacks: (0..n * n).map(|_| AtomicU64::new(0)).collect(),
+            }),
+        }
     }
 
-    pub(crate) fn fell_back(&self) {
-        self.inner.fell_back.fetch_add(1, Relaxed);
+    /// These counters, sharing `previous`'s totals and, for each target `j` with
+    /// `same[j] == Some(i)`, target `i`'s counters: what a config reload keeps. The
+    /// fallbacks by pair start again from zero.
+    pub(crate) fn carried_from(&self, previous: &Stats, same: &[Option<usize>]) -> Stats {
+        let targets = self
+            .inner
+            .targets
+            .iter()
+            .zip(same.iter().chain(std::iter::repeat(&None)))
+            .map(|(mine, same)| {
+                same.and_then(|i| previous.inner.targets.get(i))
+                    .unwrap_or(mine)
+                    .clone()
+            })
+            .collect();
+        Stats::with_parts(
+            self.inner.names.clone(),
+            self.inner.groups.clone(),
+            previous.inner.totals.clone(),
+            targets,
+        )
+    }
+
+    pub(crate) fn request(&self) {
+        self.inner.totals.requests.fetch_add(1, Relaxed);
+    }
+
+    /// A request that fell back: once, and once for each change of target between two of its
+    /// attempts.
+    pub(crate) fn fell_back(&self, report: &FallbackReport) {
+        self.inner.totals.fell_back.fetch_add(1, Relaxed);
+        let n = self.inner.names.len();
+        for pair in report.attempts().windows(2) {
+            let (from, to) = (pair[0].target_index(), pair[1].target_index());
+            if from != to && from < n && to < n {
+                if let Some(c) = self.inner.fallbacks.get(from * n + to) {
+                    c.fetch_add(1, Relaxed);
+                }
+            }
+        }
     }
 
     pub(crate) fn skip(&self, target: usize) {
@@ -108,7 +204,13 @@ impl Stats {
         }
     }
 
-    pub(crate) fn attempt(&self, target: usize, tally: Tally, error: bool, elapsed: Duration) {
+    pub(crate) fn attempt(
+        &self,
+        target: usize,
+        tally: Tally,
+        outcome: &AttemptOutcome,
+        elapsed: Duration,
+    ) {
         let Some(c) = self.inner.targets.get(target) else {
             return;
         };
@@ -127,17 +229,22 @@ impl Stats {
             Tally::Superseded => &c.superseded,
         };
         counter.fetch_add(1, Relaxed);
-        if error {
+        if matches!(outcome, AttemptOutcome::Error { .. }) {
             c.errors.fetch_add(1, Relaxed);
         }
-        let ms = elapsed.as_millis();
-        let bucket = LATENCY_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= u128::from(*b))
-            .unwrap_or(LATENCY_BUCKETS_MS.len());
-        c.latency[bucket].fetch_add(1, Relaxed);
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        c.latency_total_us.fetch_add(us, Relaxed);
+        if let Some(o) = c.outcomes.get(outcome_slot(outcome)) {
+            o.fetch_add(1, Relaxed);
+        }
+        c.latency.record(elapsed);
+    }
+
+    /// Counts the time from a request's arrival to its first content chunk reaching the caller,
+    /// for target `target` (its place in the layer's list). The layer does not see when a
+    /// chunk leaves: a proxy that does (the gateway) reports it here.
+    pub fn record_first_content(&self, target: usize, elapsed: Duration) {
+        if let Some(c) = self.inner.targets.get(target) {
+            c.first_content.record(elapsed);
+        }
     }
 
     pub(crate) fn usage(&self, target: usize, prompt: u64, completion: u64, cost_usd: Option<f64>) {
@@ -154,46 +261,26 @@ impl Stats {
     /// The counters as they are now.
     pub fn snapshot(&self) -> StatsSnapshot {
         let i = &self.inner;
-        let requests = i.requests.load(Relaxed);
-        let fell_back = i.fell_back.load(Relaxed);
+        let requests = i.totals.requests.load(Relaxed);
+        let fell_back = i.totals.fell_back.load(Relaxed);
         let targets = i
             .names
             .iter()
             .zip(i.targets.iter())
             .zip(i.groups.iter())
-            .map(|((name, c), group)| {
-                let latency: Vec<u64> = c.latency.iter().map(|b| b.load(Relaxed)).collect();
-                let attempts = c.attempts.load(Relaxed);
-                TargetStats {
-                    name: name.to_string(),
-                    group: group.as_deref().map(str::to_owned),
-                    attempts,
-                    successes: c.successes.load(Relaxed),
-                    retryable_failures: c.retryable_failures.load(Relaxed),
-                    non_retryable_returns: c.non_retryable.load(Relaxed),
-                    errors: c.errors.load(Relaxed),
-                    fallbacks_triggered: c.fallbacks_triggered.load(Relaxed),
-                    retries: c.retries.load(Relaxed),
-                    cooldown_skips: c.cooldown_skips.load(Relaxed),
-                    superseded: c.superseded.load(Relaxed),
-                    latency_ms_p50: percentile(&latency, 0.5),
-                    latency_ms_p99: percentile(&latency, 0.99),
-                    latency_ms_mean: if attempts == 0 {
-                        0.0
-                    } else {
-                        c.latency_total_us.load(Relaxed) as f64 / attempts as f64 / 1000.0
-                    },
-                    latency_histogram: LATENCY_BUCKETS_MS
-                        .iter()
-                        .map(|b| Some(*b))
-                        .chain([None])
-                        .zip(latency)
-                        .map(|(le_ms, count)| Bucket { le_ms, count })
-                        .collect(),
-                    prompt_tokens: c.prompt_tokens.load(Relaxed),
-                    completion_tokens: c.completion_tokens.load(Relaxed),
-                    estimated_cost_usd: c.cost_nano_usd.load(Relaxed) as f64 / 1e9,
-                }
+            .map(|((name, c), group)| target_stats(name, group.as_deref(), c))
+            .collect();
+        let n = i.names.len();
+        let fallbacks = i
+            .fallbacks
+            .iter()
+            .enumerate()
+            .map(|(k, c)| (k / n.max(1), k % n.max(1), c.load(Relaxed)))
+            .filter(|(_, _, count)| *count > 0)
+            .map(|(from, to, count)| FallbackCount {
+                from: i.names[from].to_string(),
+                to: i.names[to].to_string(),
+                count,
             })
             .collect();
         StatsSnapshot {
@@ -205,26 +292,40 @@ impl Stats {
                 fell_back as f64 / requests as f64
             },
             targets,
+            fallbacks,
         }
     }
 }
 
-/// The upper bound (ms) of the bucket holding the `q` quantile; `None` past the last bound or
-/// with no samples.
-fn percentile(counts: &[u64], q: f64) -> Option<u64> {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return None;
+fn target_stats(name: &str, group: Option<&str>, c: &Counters) -> TargetStats {
+    let latency = c.latency.snapshot();
+    TargetStats {
+        name: name.to_owned(),
+        group: group.map(str::to_owned),
+        attempts: c.attempts.load(Relaxed),
+        successes: c.successes.load(Relaxed),
+        retryable_failures: c.retryable_failures.load(Relaxed),
+        non_retryable_returns: c.non_retryable.load(Relaxed),
+        errors: c.errors.load(Relaxed),
+        fallbacks_triggered: c.fallbacks_triggered.load(Relaxed),
+        retries: c.retries.load(Relaxed),
+        cooldown_skips: c.cooldown_skips.load(Relaxed),
+        superseded: c.superseded.load(Relaxed),
+        outcomes: OUTCOMES
+            .iter()
+            .zip(c.outcomes.iter())
+            .map(|(name, count)| (*name, count.load(Relaxed)))
+            .filter(|(_, count)| *count > 0)
+            .collect(),
+        latency_ms_p50: latency.quantile_ms(0.5),
+        latency_ms_p99: latency.quantile_ms(0.99),
+        latency_ms_mean: latency.mean_ms(),
+        latency_histogram: latency,
+        first_content: c.first_content.snapshot(),
+        prompt_tokens: c.prompt_tokens.load(Relaxed),
+        completion_tokens: c.completion_tokens.load(Relaxed),
+        estimated_cost_usd: c.cost_nano_usd.load(Relaxed) as f64 / 1e9,
     }
-    let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-    let mut seen = 0;
-    for (i, c) in counts.iter().enumerate() {
-        seen += c;
-        if seen >= rank {
-            return LATENCY_BUCKETS_MS.get(i).copied();
-        }
-    }
-    None
 }
 
 impl fmt::Debug for Stats {
@@ -245,6 +346,21 @@ pub struct StatsSnapshot {
     pub fallback_rate: f64,
     /// Per target, in the layer's order.
     pub targets: Vec<TargetStats>,
+    /// Fallbacks from one target to another (each change of target between two attempts of a
+    /// request), the pairs that happened.
+    pub fallbacks: Vec<FallbackCount>,
+}
+
+/// Fallbacks from one target to another.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct FallbackCount {
+    /// The target that failed.
+    pub from: String,
+    /// The target tried next.
+    pub to: String,
+    /// How many times.
+    pub count: u64,
 }
 
 /// One target's counters.
@@ -273,30 +389,26 @@ pub struct TargetStats {
     pub cooldown_skips: u64,
     /// Hedged attempts dropped because another answered first.
     pub superseded: u64,
-    /// Median attempt latency: the upper bound of its histogram bucket, in ms.
-    pub latency_ms_p50: Option<u64>,
+    /// Attempts by what they came to, by the names of [`OUTCOMES`] (those that happened).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Median attempt latency: the upper bound of its histogram bucket (a few percent above
+    /// the attempts'), in ms.
+    pub latency_ms_p50: Option<f64>,
     /// 99th-percentile attempt latency, likewise.
-    pub latency_ms_p99: Option<u64>,
+    pub latency_ms_p99: Option<f64>,
     /// Mean attempt latency in ms.
     pub latency_ms_mean: f64,
-    /// The latency histogram: counts of attempts at or under each bound (`null`: above all).
-    pub latency_histogram: Vec<Bucket>,
+    /// The attempt latency histogram (serialized as its non-empty buckets).
+    pub latency_histogram: HistogramSnapshot,
+    /// Time from a request's arrival to its first content chunk, for the requests this target
+    /// served, as a proxy reported it ([`Stats::record_first_content`]).
+    pub first_content: HistogramSnapshot,
     /// Prompt tokens reported by non-streamed answers' `usage`.
     pub prompt_tokens: u64,
     /// Completion tokens reported likewise.
     pub completion_tokens: u64,
     /// Cost estimated from `usage` and the models catalog, in USD.
     pub estimated_cost_usd: f64,
-}
-
-/// One histogram bucket.
-#[derive(Debug, Clone, Serialize)]
-#[non_exhaustive]
-pub struct Bucket {
-    /// Upper bound in milliseconds; `None` for the last, unbounded bucket.
-    pub le_ms: Option<u64>,
-    /// Attempts in this bucket.
-    pub count: u64,
 }
 
 impl fmt::Display for StatsSnapshot {
@@ -327,26 +439,90 @@ impl fmt::Display for StatsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Decision;
+    use crate::report::Attempt;
+    use http::StatusCode;
+
+    fn attempt(target_index: usize, status: u16) -> Attempt {
+        Attempt {
+            target: Arc::from("t"),
+            target_index,
+            model: None,
+            substituted: false,
+            outcome: AttemptOutcome::Status(StatusCode::from_u16(status).unwrap()),
+            elapsed: Duration::ZERO,
+            decision: Decision::NextTarget,
+        }
+    }
 
     #[test]
-    fn counts_and_percentiles() {
+    fn counts_outcomes_pairs_and_percentiles() {
         let stats = Stats::new([Arc::from("a"), Arc::from("b")]);
         stats.request();
         stats.request();
-        stats.fell_back();
-        stats.attempt(0, Tally::NextTarget, false, Duration::from_millis(3));
-        stats.attempt(1, Tally::Success, false, Duration::from_millis(40));
-        stats.attempt(1, Tally::Success, false, Duration::from_millis(700));
+        let mut report = FallbackReport::default();
+        report.push(attempt(0, 503));
+        report.push(attempt(1, 200));
+        stats.fell_back(&report);
+        let status = |s| AttemptOutcome::Status(StatusCode::from_u16(s).unwrap());
+        let refused = AttemptOutcome::Error {
+            kind: ErrorKind::Connect,
+            message: String::new(),
+        };
+        stats.attempt(0, Tally::NextTarget, &status(503), Duration::from_millis(3));
+        stats.attempt(0, Tally::NextTarget, &refused, Duration::from_millis(1));
+        stats.attempt(1, Tally::Success, &status(200), Duration::from_millis(40));
+        stats.attempt(1, Tally::Success, &status(200), Duration::from_millis(301));
+        stats.attempt(1, Tally::Success, &status(201), Duration::from_millis(700));
         stats.skip(0);
+        stats.record_first_content(1, Duration::from_millis(90));
         let s = stats.snapshot();
         assert_eq!((s.requests, s.fell_back, s.fallback_rate), (2, 1, 0.5));
-        assert_eq!(s.targets[0].fallbacks_triggered, 1);
+        assert_eq!(s.targets[0].fallbacks_triggered, 2);
+        assert_eq!(s.targets[0].errors, 1);
         assert_eq!(s.targets[0].cooldown_skips, 1);
-        assert_eq!(s.targets[1].successes, 2);
-        assert_eq!(s.targets[1].latency_ms_p50, Some(50));
-        assert_eq!(s.targets[1].latency_ms_p99, Some(1000));
+        assert_eq!(
+            s.targets[0].outcomes,
+            BTreeMap::from([("5xx", 1), ("connect", 1)])
+        );
+        assert_eq!(s.targets[1].outcomes, BTreeMap::from([("2xx", 3)]));
+        assert_eq!(s.targets[1].successes, 3);
+        assert_eq!(s.targets[1].latency_ms_p50, Some(304.0));
+        assert_eq!(s.targets[1].latency_ms_p99, Some(704.0));
+        assert_eq!(s.targets[1].first_content.count(), 1);
+        assert_eq!(
+            (
+                s.fallbacks.len(),
+                &*s.fallbacks[0].from,
+                &*s.fallbacks[0].to
+            ),
+            (1, "a", "b")
+        );
         assert!(s
             .to_string()
-            .starts_with("requests=2 fell_back=1 fallback_rate=0.500 | a: attempts=1"));
+            .starts_with("requests=2 fell_back=1 fallback_rate=0.500 | a: attempts=2"));
+    }
+
+    #[test]
+    fn a_carried_over_target_keeps_its_counters_and_the_totals_carry() {
+        let old = Stats::new([Arc::from("a"), Arc::from("b")]);
+        old.request();
+        old.attempt(
+            1,
+            Tally::Success,
+            &AttemptOutcome::Superseded,
+            Duration::ZERO,
+        );
+        let new = Stats::new([Arc::from("b"), Arc::from("c")]).carried_from(&old, &[Some(1), None]);
+        new.attempt(
+            0,
+            Tally::Success,
+            &AttemptOutcome::Superseded,
+            Duration::ZERO,
+        );
+        let s = new.snapshot();
+        assert_eq!(s.requests, 1);
+        assert_eq!((s.targets[0].attempts, s.targets[1].attempts), (2, 0));
+        assert_eq!(old.snapshot().targets[1].attempts, 2, "one set of counters");
     }
 }

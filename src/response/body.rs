@@ -233,6 +233,14 @@ where
             if let (Some(meter), Some(data)) = (this.meter.as_mut(), frame.data_ref()) {
                 meter.observe(data.chunk());
             }
+            // A server that wrote the content-length it announced stops polling (hyper's
+            // does): the last data frame is the end the meter sees.
+            let ended = *this.inner_done || this.inner.is_end_stream();
+            if this.buffered.is_empty() && this.ending.is_none() && ended {
+                if let Some(mut meter) = this.meter.take() {
+                    meter.finish();
+                }
+            }
             return Poll::Ready(Some(Ok(frame)));
         }
     }
