@@ -29,8 +29,34 @@ pub struct GatewayConfig {
     pub shutdown_timeout: Duration,
     /// Speak HTTP/2 with prior knowledge (h2c) to `http://` targets (default `false`).
     pub upstream_h2c: bool,
+    /// How log lines are written: `"json"` (one object a line) or `"text"`; unset, text when
+    /// stderr is a terminal and JSON otherwise.
+    pub log_format: Option<LogFormat>,
     /// Targets, limits, policy. Cooldowns are on unless the file says `"cooldown": "off"`.
     pub fallback: FallbackConfig,
+}
+
+/// The `log_format` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+impl LogFormat {
+    /// The format asked for, or text on a terminal and JSON otherwise.
+    pub fn or_by_terminal(format: Option<LogFormat>) -> LogFormat {
+        format.unwrap_or_else(|| {
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }
+        })
+    }
 }
 
 /// One entry of `clients`.
@@ -105,6 +131,7 @@ impl GatewayConfig {
         object
             .entry("stream_idle_timeout_ms")
             .or_insert(Value::from(STREAM_IDLE_TIMEOUT_MS));
+        let log_format = take(&mut object, "log_format")?;
         // Cooldowns protect upstreams: on unless turned off, with the library's settings form.
         match object.get("cooldown") {
             None => {
@@ -130,6 +157,7 @@ impl GatewayConfig {
             idle_timeout,
             shutdown_timeout,
             upstream_h2c,
+            log_format,
             // Deserialized from the parsed value: errors name the field, not a position in a
             // re-encoded document.
             fallback: FallbackConfig::from_value(Value::Object(object))?,
@@ -254,5 +282,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(off.fallback.stream_idle_timeout_ms, None);
+    }
+
+    #[test]
+    fn log_format_is_json_or_text() {
+        let target = r#""targets": [{"base_url": "http://127.0.0.1:9/v1"}]"#;
+        let parse =
+            |extra: &str| GatewayConfig::from_json(format!("{{{target}{extra}}}").as_bytes());
+        assert_eq!(parse("").unwrap().log_format, None);
+        let json = parse(r#", "log_format": "json""#).unwrap();
+        assert_eq!(json.log_format, Some(LogFormat::Json));
+        let text = parse(r#", "log_format": "text""#).unwrap();
+        assert_eq!(text.log_format, Some(LogFormat::Text));
+        let err = parse(r#", "log_format": "xml""#).unwrap_err();
+        assert!(
+            err.to_string().starts_with("log_format: unknown variant"),
+            "{err}"
+        );
     }
 }

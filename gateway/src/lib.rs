@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod proxy;
 pub mod serve;
 pub mod upstream;

@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use tower_model_fallback_gateway::config::LogFormat;
 use tower_model_fallback_gateway::{demo, serve, Gateway, GatewayConfig};
 
 const USAGE: &str = "\
@@ -14,9 +15,11 @@ usage:
   fallback-gateway --help               this text
   fallback-gateway --version            the version
 
-Keys come from the environment variables the config names. Logs go to stderr
-(RUST_LOG=tower_model_fallback=debug shows every attempt). SIGTERM or Ctrl-C stops accepting,
-lets requests in flight finish for shutdown_timeout_ms, then cuts the rest.
+Keys come from the environment variables the config names. Logs go to stderr, one line per
+request, as JSON or text (log_format; RUST_LOG=tower_model_fallback=debug shows every attempt).
+SIGHUP reloads the config file: a valid one serves new requests at once, an invalid one is
+logged and the running config goes on. SIGTERM or Ctrl-C stops accepting, lets requests in
+flight finish for shutdown_timeout_ms, then cuts the rest.
 ";
 
 fn main() -> ExitCode {
@@ -49,20 +52,21 @@ fn main() -> ExitCode {
             }),
             Err(e) => fail(format!("runtime: {e}")),
         },
-        ["--config", path] => {
-            init_logs();
-            match runtime() {
-                Ok(rt) => rt.block_on(async {
-                    match load(path) {
-                        Ok((config, gateway)) => run(config, gateway, false).await,
-                        Err(e) => fail(e),
+        ["--config", path] => match runtime() {
+            Ok(rt) => rt.block_on(async {
+                match load(path) {
+                    Ok((config, gateway)) => {
+                        init_logs(config.log_format);
+                        reload_on_hangup(path.to_string(), gateway.clone());
+                        run(config, gateway, false).await
                     }
-                }),
-                Err(e) => fail(format!("runtime: {e}")),
-            }
-        }
+                    Err(e) => fail(e),
+                }
+            }),
+            Err(e) => fail(format!("runtime: {e}")),
+        },
         [] => {
-            init_logs();
+            init_logs(Some(LogFormat::Text));
             match runtime() {
                 Ok(rt) => rt.block_on(async {
                     let config = match demo::config().await {
@@ -90,15 +94,68 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn init_logs() {
-    tracing_subscriber::fmt()
+fn init_logs(format: Option<LogFormat>) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,tower_model_fallback=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match LogFormat::or_by_terminal(format) {
+        // One flat object a line: the event's fields beside `timestamp`, `level`, `target`.
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+/// Reloads the config at `path` on every SIGHUP: validated first (file, fields, keys); an
+/// invalid one is logged and the running config goes on serving. The handler is in place when
+/// this returns (a SIGHUP before it would end the process).
+fn reload_on_hangup(path: String, gateway: Gateway) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!(target: "gateway", "SIGHUP cannot be watched; no config reload");
+            return;
+        };
+        tokio::spawn(reload_each(hangups, path, gateway));
+    }
+    #[cfg(not(unix))]
+    let _ = (path, gateway);
+}
+
+#[cfg(unix)]
+async fn reload_each(mut hangups: tokio::signal::unix::Signal, path: String, gateway: Gateway) {
+    {
+        while hangups.recv().await.is_some() {
+            let reloaded = GatewayConfig::from_file(&path)
+                .and_then(|config| gateway.reload(&config, |var| std::env::var(var).ok()));
+            match reloaded {
+                Ok(warning) => {
+                    if let Some(warning) = warning {
+                        tracing::warn!(target: "gateway", "config reload: {warning}");
+                    }
+                    tracing::info!(
+                        target: "gateway",
+                        targets = %gateway.targets().join(" -> "),
+                        "config reloaded from {path}"
+                    );
+                }
+                Err(e) => tracing::error!(
+                    target: "gateway",
+                    "config reload refused, the running config goes on: {e}"
+                ),
+            }
+        }
+    }
 }
 
 /// The config at `path` and the gateway it describes, keys from the environment.
@@ -127,7 +184,7 @@ async fn run(config: GatewayConfig, gateway: Gateway, demo: bool) -> ExitCode {
             "  (add \"stream\": true for server-sent events; every other request falls back)"
         );
     }
-    tokio::spawn(log_stats(gateway.stats().clone()));
+    tokio::spawn(log_stats(gateway.clone()));
     match serve::serve(listener, gateway, (&config).into(), shutdown()).await {
         Ok(()) => {
             eprintln!("gateway stopped");
@@ -143,12 +200,12 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Logs a one-line summary of the counters every minute.
-async fn log_stats(stats: tower_model_fallback::Stats) {
+async fn log_stats(gateway: Gateway) {
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(60));
     ticks.tick().await;
     loop {
         ticks.tick().await;
-        tracing::info!(target: "gateway", "stats: {}", stats.snapshot());
+        tracing::info!(target: "gateway", "stats: {}", gateway.stats().snapshot());
     }
 }
 

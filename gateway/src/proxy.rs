@@ -3,8 +3,12 @@
 //! response head fit for the client's hop.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
@@ -16,18 +20,27 @@ use tower_http::body::UnsyncBoxBody;
 use tower_http::decompression::RequestDecompression;
 use tower_http::timeout::RequestBodyTimeout;
 use tower_model_fallback::{
-    openai, strip_hop_by_hop, ConfigError, FallbackError, FallbackReport, ResponseBody, Stats,
+    openai, strip_hop_by_hop, ConfigError, FallbackError, FallbackLayer, FallbackReport,
+    ResponseBody, Stats,
 };
 
 use crate::auth::{Caller, Clients};
 use crate::config::GatewayConfig;
+use crate::metrics::{self, Metrics, RequestOutcome};
 use crate::serve::InFlight;
 use crate::upstream::{stack, Stack};
 
 /// The gateway's request handling, shared by every connection (a clone is one reference count).
+/// Its config can be swapped while it serves ([`Gateway::reload`]).
 #[derive(Clone)]
 pub struct Gateway {
-    shared: Arc<Shared>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The config serving new requests; a request in flight keeps the one it started with.
+    current: ArcSwap<Shared>,
+    metrics: Metrics,
 }
 
 struct Shared {
@@ -38,10 +51,82 @@ struct Shared {
     /// layer then reads (bounded by `max_body_bytes`) and rewrites the decompressed JSON. The
     /// timeout is outside, on the bytes as they arrive.
     decompress: RequestBodyTimeout<RequestDecompression<Stack>>,
-    stats: Stats,
+    layer: FallbackLayer,
     clients: Clients,
+    /// Each client's request counter, by name (the anonymous caller's under `anonymous`).
+    client_counts: Vec<(Arc<str>, Arc<AtomicU64>)>,
     targets: Vec<String>,
+    listen: std::net::SocketAddr,
 }
+
+impl Shared {
+    fn new(
+        config: &GatewayConfig,
+        env: &impl Fn(&str) -> Option<String>,
+        metrics: &Metrics,
+        previous: Option<&Shared>,
+    ) -> Result<Shared, ConfigError> {
+        config.check_listen()?;
+        let clients = Clients::from_config(&config.clients, env)?;
+        let mut layer = config.fallback.layer_with_env(env)?;
+        if let Some(previous) = previous {
+            layer = layer.carry_over(&previous.layer);
+        }
+        let stack = stack(&layer, config.upstream_h2c);
+        let names = config.clients.iter().map(|c| c.name.as_str());
+        let client_counts = if clients.is_enabled() {
+            names.map(|n| (Arc::from(n), metrics.client(n))).collect()
+        } else {
+            vec![(Arc::from(ANONYMOUS), metrics.client(ANONYMOUS))]
+        };
+        Ok(Shared {
+            decompress: RequestBodyTimeout::new(
+                RequestDecompression::new(stack.clone()),
+                config.body_read_timeout,
+            ),
+            stack: RequestBodyTimeout::new(stack, config.body_read_timeout),
+            targets: layer
+                .targets()
+                .iter()
+                .map(|t| t.name().to_owned())
+                .collect(),
+            layer,
+            clients,
+            client_counts,
+            listen: config.listen,
+        })
+    }
+
+    fn count_client(&self, caller: &Caller) {
+        let name = caller.as_deref().unwrap_or(ANONYMOUS);
+        if let Some((_, count)) = self.client_counts.iter().find(|(n, _)| &**n == name) {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `/readyz`: ready while any target is not cooling down; else the reason.
+    fn readiness(&self) -> Result<(), String> {
+        let left: Vec<_> = (0..self.targets.len())
+            .map(|i| self.layer.cooling_for(i))
+            .collect();
+        if left.iter().any(|d| d.is_zero()) {
+            return Ok(());
+        }
+        let cooling: Vec<String> = self
+            .targets
+            .iter()
+            .zip(left)
+            .map(|(name, left)| format!("{name} for {} s", left.as_secs_f64().ceil()))
+            .collect();
+        Err(format!(
+            "not ready: every target is cooling down ({})",
+            cooling.join(", ")
+        ))
+    }
+}
+
+/// The client name of requests when the gateway has no `clients`.
+const ANONYMOUS: &str = "anonymous";
 
 impl Gateway {
     /// Builds the gateway for `config`, with keys (targets' and clients') from `env`. Errors name
@@ -50,51 +135,71 @@ impl Gateway {
         config: &GatewayConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Gateway, ConfigError> {
-        config.check_listen()?;
-        let clients = Clients::from_config(&config.clients, &env)?;
-        let layer = config.fallback.layer_with_env(&env)?;
-        let stack = stack(&layer, config.upstream_h2c);
+        let metrics = Metrics::default();
+        let shared = Shared::new(config, &env, &metrics, None)?;
         Ok(Gateway {
-            shared: Arc::new(Shared {
-                decompress: RequestBodyTimeout::new(
-                    RequestDecompression::new(stack.clone()),
-                    config.body_read_timeout,
-                ),
-                stack: RequestBodyTimeout::new(stack, config.body_read_timeout),
-                stats: layer.stats(),
-                clients,
-                targets: layer
-                    .targets()
-                    .iter()
-                    .map(|t| t.name().to_owned())
-                    .collect(),
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(shared),
+                metrics,
             }),
         })
     }
 
+    /// Serves `config` from now on, when it is valid: new requests use it at once, requests in
+    /// flight finish on the config they started with, and targets that are the same in both
+    /// (name, base URL, model, key) keep their cooldowns and counters. When it is not valid,
+    /// nothing changes and the error says why. `listen` and the client-side timeouts of
+    /// [`serve`](crate::serve::serve) are the running server's: a change there waits for a
+    /// restart (the returned warning says so).
+    pub fn reload(
+        &self,
+        config: &GatewayConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let current = self.inner.current.load_full();
+        let next = Shared::new(config, &env, &self.inner.metrics, Some(&current))?;
+        let warning = (next.listen != current.listen).then(|| {
+            format!(
+                "listen changed ({} -> {}); it takes effect at the next restart",
+                current.listen, next.listen
+            )
+        });
+        self.inner.current.store(Arc::new(next));
+        Ok(warning)
+    }
+
     /// The targets' names, in order.
-    pub fn targets(&self) -> &[String] {
-        &self.shared.targets
+    pub fn targets(&self) -> Vec<String> {
+        self.inner.current.load().targets.clone()
     }
 
     /// The layer's counters.
-    pub fn stats(&self) -> &Stats {
-        &self.shared.stats
+    pub fn stats(&self) -> Stats {
+        self.inner.current.load().layer.stats()
     }
 
-    /// Answers one request: `GET /healthz` (open), `GET /stats`, and `/v1/*` through the
-    /// fallback stack; every route but `/healthz` needs a client key when clients are set.
+    /// The gateway's own counters (requests by outcome, by client).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Answers one request: `GET /healthz` (open), `GET /readyz`, `GET /metrics`,
+    /// `GET /stats`, and `/v1/*` through the fallback stack; every route but `/healthz` needs a
+    /// client key when clients are set.
     pub async fn handle<B>(&self, mut request: Request<B>) -> Response<GatewayBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let shared = &*self.shared;
-        let path = request.uri().path();
-        if path == "/healthz" {
+        let started = Instant::now();
+        if request.uri().path() == "/healthz" {
             return text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok"));
         }
+        // The config this request started with; a reload does not change it under the request.
+        let shared = self.inner.current.load_full();
+        let metrics = &self.inner.metrics;
         let Ok(caller) = shared.clients.authenticate(request.headers_mut()) else {
+            metrics.request(RequestOutcome::Rejected);
             return error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
@@ -102,114 +207,187 @@ impl Gateway {
                 "a valid gateway key is required, as `Authorization: Bearer KEY` or `x-api-key`",
             );
         };
-        let path = request.uri().path();
-        if path == "/stats" && request.method() == Method::GET {
-            let snapshot = shared.stats.snapshot();
-            let json = serde_json::to_vec(&snapshot).unwrap_or_default();
-            return text(StatusCode::OK, "application/json", Bytes::from(json));
+        shared.count_client(&caller);
+        if request.method() == Method::GET {
+            if let Some(response) = self.endpoint(&shared, request.uri().path()) {
+                return response;
+            }
         }
-        let Some(rest) = path
-            .strip_prefix("/v1")
-            .filter(|r| r.is_empty() || r.starts_with('/'))
-        else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "not_found",
-                "no such route; the API is under /v1",
-            );
+        let response = match route(&mut request) {
+            Ok(compressed) => {
+                let line = Line {
+                    caller,
+                    method: request.method().clone(),
+                    uri: request.uri().clone(),
+                    started,
+                };
+                forward(&shared, request, compressed, line).await
+            }
+            Err((status, code, message)) => {
+                let response = error(status, "invalid_request_error", code, message);
+                (response, RequestOutcome::Rejected)
+            }
         };
-        if has_dot_segment(rest) {
-            return error(
+        metrics.request(response.1);
+        response.0
+    }
+
+    /// The gateway's own GET endpoints, when `path` is one.
+    fn endpoint(&self, shared: &Shared, path: &str) -> Option<Response<GatewayBody>> {
+        Some(match path {
+            "/stats" => {
+                let json = serde_json::to_vec(&shared.layer.stats().snapshot()).unwrap_or_default();
+                text(StatusCode::OK, "application/json", Bytes::from(json))
+            }
+            "/metrics" => {
+                let body = self.inner.metrics.render(&shared.layer);
+                text(StatusCode::OK, metrics::CONTENT_TYPE, Bytes::from(body))
+            }
+            "/readyz" => match shared.readiness() {
+                Ok(()) => text(StatusCode::OK, "text/plain", Bytes::from_static(b"ready")),
+                Err(reason) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    Bytes::from(reason),
+                ),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// A response and how the request ended, for the counters.
+type Answer = (Response<GatewayBody>, RequestOutcome);
+
+/// Why the gateway refuses a request itself: status, OpenAI error code, message.
+type Refusal = (StatusCode, &'static str, &'static str);
+
+/// Checks a `/v1/*` request and rewrites its URI for the layer: whether its body is
+/// compressed, or why it is refused.
+fn route<B>(request: &mut Request<B>) -> Result<bool, Refusal> {
+    let path = request.uri().path();
+    let Some(rest) = path
+        .strip_prefix("/v1")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route; the API is under /v1",
+        ));
+    };
+    if has_dot_segment(rest) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "the path has a dot segment (`.` or `..`, literal or percent-encoded)",
+        ));
+    }
+    // The layer joins the target's base URL (which ends in its own `/v1`) and this path.
+    let rest = if rest.is_empty() { "/" } else { rest };
+    let path_and_query = match request.uri().query() {
+        None => http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(rest.as_bytes())),
+        Some(q) => format!("{rest}?{q}").parse(),
+    };
+    match path_and_query {
+        Ok(pq) => *request.uri_mut() = http::Uri::from(pq),
+        Err(_) => {
+            return Err((
                 StatusCode::BAD_REQUEST,
-                "invalid_request_error",
                 "invalid_path",
-                "the path has a dot segment (`.` or `..`, literal or percent-encoded)",
-            );
+                "the path is not a valid URI path",
+            ))
         }
-        // The layer joins the target's base URL (which ends in its own `/v1`) and this path.
-        let rest = if rest.is_empty() { "/" } else { rest };
-        let path_and_query = match request.uri().query() {
-            None => {
-                http::uri::PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(rest.as_bytes()))
-            }
-            Some(q) => format!("{rest}?{q}").parse(),
-        };
-        match path_and_query {
-            Ok(pq) => *request.uri_mut() = http::Uri::from(pq),
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request_error",
-                    "invalid_path",
-                    "the path is not a valid URI path",
-                )
-            }
+    }
+    let compressed = match request.headers().get(CONTENT_ENCODING) {
+        None => false,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"identity") => false,
+        Some(v) if DECODED.iter().any(|e| v.as_bytes().eq_ignore_ascii_case(e)) => true,
+        Some(_) => {
+            return Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+                "the request's content-encoding is not one of gzip, br, deflate, zstd",
+            ))
         }
-        let compressed = match request.headers().get(CONTENT_ENCODING) {
-            None => false,
-            Some(v) if v.as_bytes().eq_ignore_ascii_case(b"identity") => false,
-            Some(v) if DECODED.iter().any(|e| v.as_bytes().eq_ignore_ascii_case(e)) => true,
-            Some(_) => {
-                return error(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "invalid_request_error",
-                    "unsupported_content_encoding",
-                    "the request's content-encoding is not one of gzip, br, deflate, zstd",
-                )
-            }
-        };
-        // axum's and hyper's extensions mean nothing upstream, and the layer copies a request's
-        // extensions into every attempt: dropped here, they cost no copy.
-        request.extensions_mut().clear();
-        let method = request.method().clone();
-        let uri = request.uri().clone();
-        let version = request.version();
-        let result = if compressed {
-            shared
-                .decompress
-                .clone()
-                .oneshot(request)
-                .await
-                .map(|r| r.map(|body| Kind::Boxed { body }))
-        } else {
-            shared
-                .stack
-                .clone()
-                .oneshot(request)
-                .await
-                .map(|r| r.map(|body| Kind::Proxied { body }))
-        };
-        let log = Log {
-            caller: &caller,
-            method: &method,
-            path: uri.path(),
-        };
-        match result {
-            Ok(mut response) => {
-                // The upstream's version is its hop's (an HTTP/1.0 upstream's answer to an
-                // HTTP/1.1 client is an HTTP/1.1 answer).
-                *response.version_mut() = version;
-                proxied(response, &log)
-            }
-            Err(e) => failed(&e, &log),
+    };
+    // axum's and hyper's extensions mean nothing upstream, and the layer copies a request's
+    // extensions into every attempt: dropped here, they cost no copy.
+    request.extensions_mut().clear();
+    Ok(compressed)
+}
+
+/// Sends a checked request through the fallback stack.
+async fn forward<B>(shared: &Shared, request: Request<B>, compressed: bool, line: Line) -> Answer
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let version = request.version();
+    let result = if compressed {
+        shared
+            .decompress
+            .clone()
+            .oneshot(request)
+            .await
+            .map(|r| r.map(|body| Kind::Boxed { body }))
+    } else {
+        shared
+            .stack
+            .clone()
+            .oneshot(request)
+            .await
+            .map(|r| r.map(|body| Kind::Proxied { body }))
+    };
+    match result {
+        Ok(mut response) => {
+            // The upstream's version is its hop's (an HTTP/1.0 upstream's answer to an
+            // HTTP/1.1 client is an HTTP/1.1 answer).
+            *response.version_mut() = version;
+            proxied(response, line, shared.layer.stats())
         }
+        Err(e) => failed(&e, line),
     }
 }
 
 /// The encodings tower-http's request decompression is built with here.
 const DECODED: [&[u8]; 4] = [b"gzip", b"br", b"deflate", b"zstd"];
 
-/// What the per-request log line says.
-struct Log<'a> {
-    caller: &'a Caller,
-    method: &'a Method,
-    path: &'a str,
+/// What the per-request log line says, besides the report.
+struct Line {
+    caller: Caller,
+    method: Method,
+    uri: http::Uri,
+    started: Instant,
 }
 
-impl Log<'_> {
-    fn client(&self) -> &str {
-        self.caller.as_deref().unwrap_or("-")
+impl Line {
+    /// The one log line of a request: who, what, which targets, what came of it, how long,
+    /// how many tokens. Never a key, a URL or a body.
+    fn log(&self, status: StatusCode, report: &FallbackReport) {
+        let tried = report
+            .attempts()
+            .iter()
+            .map(|a| a.target())
+            .collect::<Vec<_>>()
+            .join(",");
+        let served = report.served_by();
+        let usage = report.usage();
+        tracing::info!(
+            target: "gateway",
+            client = self.caller.as_deref().unwrap_or("-"),
+            method = %self.method,
+            path = %format_args!("/v1{}", self.uri.path()),
+            status = status.as_u16(),
+            targets_tried = %tried,
+            served_target = served.map_or("-", |s| s.target()),
+            served_model = served.and_then(|s| s.model()).unwrap_or("-"),
+            attempts = report.attempts().len(),
+            latency_ms = self.started.elapsed().as_millis() as u64,
+            input_tokens = usage.map(|u| u.prompt_tokens),
+            output_tokens = usage.map(|u| u.completion_tokens),
+            "request",
+        );
     }
 }
 
@@ -250,42 +428,63 @@ fn percent_decode(segment: &str) -> Vec<u8> {
 }
 
 /// The upstream's response, its head made fit for the client's hop, with `x-fallback-*`.
-fn proxied(response: Response<Kind>, log: &Log<'_>) -> Response<GatewayBody> {
+fn proxied(response: Response<Kind>, line: Line, stats: Stats) -> Answer {
     let (mut head, kind) = response.into_parts();
     strip_hop_by_hop(&mut head.headers);
-    // Taken out, not cloned: the response goes on without it.
+    // Taken out, not cloned: the response goes on without it, and the log line reads it when
+    // the body is done.
     let report = head
         .extensions
         .remove::<FallbackReport>()
         .unwrap_or_default();
-    if let Some(served) = report.served_by() {
-        tracing::info!(
-            target: "gateway", client = log.client(), method = %log.method, path = %format_args!("/v1{}", log.path),
-            status = head.status.as_u16(), target = served.target(),
-            model = served.model().unwrap_or("-"), attempts = report.attempts().len(), "proxied",
-        );
-    }
     openai::report_headers(&report, &mut head.headers);
-    Response::from_parts(head, GatewayBody { kind, guard: None })
+    let outcome = match head.status.as_u16() {
+        ..=399 => RequestOutcome::Success,
+        429 | 500.. => RequestOutcome::UpstreamError,
+        _ => RequestOutcome::ClientError,
+    };
+    let finish = Finish {
+        served: report.served_by().map(|s| s.target_index()),
+        status: head.status,
+        report,
+        line,
+        stats,
+        first_sent: false,
+    };
+    let body = GatewayBody {
+        kind,
+        guard: None,
+        finish: Some(finish),
+    };
+    (Response::from_parts(head, body), outcome)
 }
 
 /// An outcome with no upstream response: an error in OpenAI's shape that names the targets
 /// tried and what each did, never a URL, a socket error or a key; the full detail is logged.
-fn failed(failure: &FallbackError, log: &Log<'_>) -> Response<GatewayBody> {
+fn failed(failure: &FallbackError, line: Line) -> Answer {
     tracing::warn!(
-        target: "gateway", client = log.client(), method = %log.method, path = %format_args!("/v1{}", log.path),
-        error = %failure, "no upstream response",
+        target: "gateway", client = line.caller.as_deref().unwrap_or("-"), method = %line.method,
+        path = %format_args!("/v1{}", line.uri.path()), error = %failure, "no upstream response",
     );
-    if failure.is_body_unreadable() && body_timed_out(failure) {
+    let response = if failure.is_body_unreadable() && body_timed_out(failure) {
         // tower-http's body timeout, in front of the layer: the client was too slow.
-        return error(
+        error(
             StatusCode::REQUEST_TIMEOUT,
             "invalid_request_error",
             "request_timeout",
             "the request body did not arrive in time",
-        );
-    }
-    openai::error_response(failure)
+        )
+    } else {
+        openai::error_response(failure)
+    };
+    line.log(response.status(), failure.report());
+    let upstream = failure.is_upstream() || failure.is_deadline();
+    let outcome = if upstream || !failure.report().attempts().is_empty() {
+        RequestOutcome::NoUpstreamResponse
+    } else {
+        RequestOutcome::Rejected
+    };
+    (response, outcome)
 }
 
 fn body_timed_out(error: &FallbackError) -> bool {
@@ -333,6 +532,40 @@ pin_project_lite::pin_project! {
         kind: Kind,
         // Held until the body is dropped: the connection counts this request as in flight.
         guard: Option<InFlight>,
+        // A proxied answer's first content chunk is timed, and its log line written when the
+        // body is done (sent, or dropped by a client that left).
+        finish: Option<Finish>,
+    }
+
+    impl PinnedDrop for GatewayBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(finish) = this.project().finish.take() {
+                finish.line.log(finish.status, &finish.report);
+            }
+        }
+    }
+}
+
+/// What a proxied answer's body reports when its first chunk goes out and when it is done.
+struct Finish {
+    served: Option<usize>,
+    status: StatusCode,
+    report: FallbackReport,
+    line: Line,
+    stats: Stats,
+    first_sent: bool,
+}
+
+impl Finish {
+    fn sent(&mut self, frame: &Frame<Bytes>) {
+        if self.first_sent || frame.data_ref().is_none_or(|d| d.is_empty()) {
+            return;
+        }
+        self.first_sent = true;
+        if let Some(served) = self.served {
+            let elapsed = self.line.started.elapsed();
+            self.stats.record_first_content(served, elapsed);
+        }
     }
 }
 
@@ -347,6 +580,7 @@ impl GatewayBody {
         GatewayBody {
             kind: Kind::Full { data: Some(data) },
             guard: None,
+            finish: None,
         }
     }
 
@@ -364,11 +598,16 @@ impl Body for GatewayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let polled = match this.kind.project() {
             KindProj::Proxied { body } => body.poll_frame(cx).map_err(Into::into),
             KindProj::Boxed { body } => body.poll_frame(cx),
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(finish)) = (&polled, this.finish.as_mut()) {
+            finish.sent(frame);
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

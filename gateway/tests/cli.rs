@@ -250,3 +250,89 @@ async fn with_no_arguments_it_runs_the_demo_on_8080_and_falls_back() {
     };
     assert!(status.success());
 }
+
+/// Sends one chat request with `connection: close`; the `x-fallback-target` it got.
+async fn served_by(listen: SocketAddr) -> String {
+    let response = support::raw(listen, &support::chat_post("", support::CHAT)).await;
+    let (head, _) = support::split(&response);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-fallback-target: "))
+        .unwrap_or("-")
+        .trim()
+        .to_owned()
+}
+
+/// Waits (bounded) until the log file holds `needle` `times` times.
+async fn logged(path: &std::path::Path, needle: &str, times: usize) -> String {
+    for _ in 0..500 {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.matches(needle).count() >= times {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{needle:?} was not logged {times} times");
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_config_and_keeps_serving_through_an_invalid_one() {
+    const OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let a = support::RawUpstream::start(OK, false).await;
+    let b = support::RawUpstream::start(OK, false).await;
+    let listen = free_addr();
+    let file = |target: &str, url: String| {
+        format!(
+            r#"{{"listen": "{listen}", "log_format": "json",
+                "targets": [{{"name": "{target}", "base_url": "{url}"}}]}}"#
+        )
+    };
+    let path = config_file("sighup", &file("a", a.url()));
+    let log_path = std::env::temp_dir().join(format!("tmf-cli-sighup-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(BIN)
+        .args(["--config", &path])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let hangup = || {
+        let kill = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+    };
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gateway listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served_by(listen).await, "a");
+    // Not JSON: refused, logged, and the running config goes on.
+    std::fs::write(&path, r#"{"targets": ["#).unwrap();
+    hangup();
+    let log = logged(&log_path, "config reload refused", 1).await;
+    assert!(log.contains("not valid JSON"), "{log}");
+    assert_eq!(served_by(listen).await, "a");
+    // Valid: new requests go to the new target at once.
+    std::fs::write(&path, file("b", b.url())).unwrap();
+    hangup();
+    logged(&log_path, "config reloaded", 1).await;
+    assert_eq!(served_by(listen).await, "b");
+    assert_eq!((a.count(), b.count()), (2, 1));
+    // Every line of the log is a JSON object.
+    let log = logged(&log_path, r#""message":"request""#, 3).await;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(log_path);
+}

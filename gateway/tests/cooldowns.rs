@@ -11,22 +11,9 @@ use support::*;
 const OK: &[u8] =
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 14\r\n\r\n{\"choices\":[]}";
 
-/// Rate limited (with `retry-after: 30`) on its first call, healthy afterwards.
-async fn limited_once() -> RawUpstream {
-    RawUpstream::scripted(|n| {
-        let bytes = if n == 0 {
-            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 30\r\ncontent-length: 2\r\n\r\n{}".to_vec()
-        } else {
-            OK.to_vec()
-        };
-        (bytes, false)
-    })
-    .await
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_429_with_retry_after_keeps_every_request_off_the_target_until_then() {
-    let primary = limited_once().await;
+    let primary = RawUpstream::limited_once(OK).await;
     let fallback = RawUpstream::start(OK, false).await;
     let gw = gateway(
         config(&[("primary", primary.url()), ("fallback", fallback.url())]),
@@ -72,7 +59,7 @@ async fn a_429_with_retry_after_keeps_every_request_off_the_target_until_then() 
 
 #[tokio::test(start_paused = true)]
 async fn with_cooldowns_off_every_request_tries_the_primary_first() {
-    let primary = limited_once().await;
+    let primary = RawUpstream::limited_once(OK).await;
     let fallback = RawUpstream::start(OK, false).await;
     let mut c = config(&[("primary", primary.url()), ("fallback", fallback.url())]);
     c["cooldown"] = "off".into();

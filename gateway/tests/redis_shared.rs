@@ -90,16 +90,7 @@ const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateway_processes_share_a_cooldown() {
     let (_redis, redis_url) = redis_server();
-    // Rate limited on its first call, healthy afterwards.
-    let primary = RawUpstream::scripted(|n| {
-        let bytes = if n == 0 {
-            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 30\r\ncontent-length: 2\r\n\r\n{}".to_vec()
-        } else {
-            OK.to_vec()
-        };
-        (bytes, false)
-    })
-    .await;
+    let primary = RawUpstream::limited_once(OK).await;
     let secondary = RawUpstream::start(OK, false).await;
     let prefix = format!("tmf-gw-test-{}", std::process::id());
     let mut config = config(&[("primary", primary.url()), ("secondary", secondary.url())]);

@@ -83,6 +83,19 @@ impl RawUpstream {
         RawUpstream::scripted(move |_| (response.to_vec(), close)).await
     }
 
+    /// Rate limited (429 with `retry-after: 30`) on its first call, `ok` afterwards.
+    pub async fn limited_once(ok: &'static [u8]) -> RawUpstream {
+        RawUpstream::scripted(move |n| {
+            let bytes = if n == 0 {
+                b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 30\r\ncontent-length: 2\r\n\r\n{}".to_vec()
+            } else {
+                ok.to_vec()
+            };
+            (bytes, false)
+        })
+        .await
+    }
+
     /// Request `n` (from 0) gets `script(n)`: the bytes, and whether to close afterwards.
     pub async fn scripted(
         script: impl Fn(usize) -> (Vec<u8>, bool) + Send + Sync + 'static,
@@ -253,4 +266,45 @@ pub async fn post(
     let (head, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     (head.status, head.headers, body)
+}
+
+/// A success that reports its usage.
+pub const OK_WITH_USAGE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 84\r\n\r\n{\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}";
+/// A 503.
+pub const DOWN: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+/// The key of client `web` (`WEB_KEY`) in [`with_client`].
+pub const KEY: &str = "sk-gateway-client-secret";
+
+/// A client key, and the models catalog (the layer reads `usage` only with one).
+pub fn with_client(mut config: serde_json::Value) -> serde_json::Value {
+    config["clients"] = serde_json::json!([{"name": "web", "key_env": "WEB_KEY"}]);
+    config["models_file"] =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/models.json").into();
+    config
+}
+
+/// A gateway over a primary that answers 503 and a healthy fallback, after one request with
+/// the client's key (which falls back).
+pub async fn after_a_fallback() -> (Running, [RawUpstream; 2]) {
+    let primary = RawUpstream::start(DOWN, false).await;
+    let fallback = RawUpstream::start(OK_WITH_USAGE, false).await;
+    let gw = gateway(
+        with_client(config(&[
+            ("primary", primary.url()),
+            ("fallback", fallback.url()),
+        ])),
+        &[("WEB_KEY", KEY)],
+    )
+    .await;
+    let bearer = format!("Bearer {KEY}");
+    let (status, headers, _) = post(
+        &gw.url("/v1/chat/completions"),
+        &[("authorization", &bearer)],
+        CHAT,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-fallback-target"], "fallback");
+    (gw, [primary, fallback])
 }
