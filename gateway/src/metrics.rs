@@ -1,7 +1,7 @@
 //! `GET /metrics`: the Prometheus text exposition format, written by prometheus-client from a
 //! snapshot taken at scrape time.
 //!
-//! Nothing here sits on the request path: the library's [`Stats`] and the gateway's own
+//! Nothing here sits on the request path: the library's [`Stats`](tower_model_fallback::Stats) and the gateway's own
 //! counters are atomics, and a scrape reads them. Label values are target names, model IDs,
 //! client names and fixed words: never a key, a URL or anything a client sent.
 
