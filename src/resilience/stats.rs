@@ -447,6 +447,7 @@ mod tests {
         Attempt {
             target: Arc::from("t"),
             target_index,
+            group: None,
             model: None,
             substituted: false,
             outcome: AttemptOutcome::Status(StatusCode::from_u16(status).unwrap()),
