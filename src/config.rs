@@ -80,6 +80,11 @@ pub struct FallbackConfig {
     /// (default: none). See [`FallbackLayer::stream_idle_timeout`].
     #[serde(default)]
     pub stream_idle_timeout_ms: Option<u64>,
+    /// Send a request whose body is not rewritten per target (not a JSON object, no multipart
+    /// `model` field) and whose method is not GET or HEAD on to other targets (default
+    /// `false`). See [`FallbackLayer::replay_unrewritable_bodies`].
+    #[serde(default)]
+    pub replay_unrewritable_bodies: bool,
     /// Accept keys written in the file (`api_key`) rather than in the environment (default
     /// `false`).
     #[serde(default)]
@@ -715,7 +720,9 @@ impl FallbackConfig {
         if let Some(point) = self.commit_on {
             layer = layer.commit_on(point);
         }
-        layer = layer.stream_error_events(self.stream_error_events);
+        layer = layer
+            .stream_error_events(self.stream_error_events)
+            .replay_unrewritable_bodies(self.replay_unrewritable_bodies);
         if let Some(ms) = self.stream_idle_timeout_ms {
             layer = layer.stream_idle_timeout(Duration::from_millis(ms));
         }

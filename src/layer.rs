@@ -88,6 +88,7 @@ impl FallbackLayer {
                 commit_on: CommitPoint::FirstContent,
                 stream_error_events: true,
                 stream_idle_timeout: None,
+                replay_unrewritable: false,
                 first_byte_timeout: None,
                 attempt_timeout: None,
                 retries: Retries::default(),
@@ -153,6 +154,20 @@ impl FallbackLayer {
     /// Needs a tokio runtime with its time driver.
     pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
         Arc::make_mut(&mut self.shared).stream_idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Sends a request whose body the layer does not rewrite for a target — not a JSON object,
+    /// no multipart `model` field: a file upload, a batch, an assistants run — on to the next
+    /// target after a failure (default `false`). Such a request is the same everywhere and may
+    /// have side effects; a timeout or a reset after it was sent says nothing of whether it took
+    /// effect (see [`Attempt::outcome_unknown`](crate::Attempt::outcome_unknown)). So by default
+    /// it goes to one target only (same-target [`Retries`] still apply), unless its method is
+    /// idempotent (GET, HEAD); the report says why
+    /// ([`StopReason::NotReplayable`](crate::StopReason::NotReplayable)). A JSON object
+    /// without `model` gets the target's model inserted and moves on like any other.
+    pub fn replay_unrewritable_bodies(mut self, replay: bool) -> Self {
+        Arc::make_mut(&mut self.shared).replay_unrewritable = replay;
         self
     }
 

@@ -43,6 +43,24 @@ pub struct FallbackReport {
 pub(crate) struct BodyCells {
     pub(crate) stream_error: OnceLock<String>,
     pub(crate) usage: OnceLock<Usage>,
+    /// Bit `n`: attempt `n`'s request body was read to its end by the inner service (sent).
+    pub(crate) sent: std::sync::atomic::AtomicU64,
+}
+
+impl BodyCells {
+    /// Records that attempt `id`'s request body was read to its end.
+    pub(crate) fn mark_sent(&self, id: u32) {
+        if id < 64 {
+            self.sent
+                .fetch_or(1 << id, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether attempt `id`'s request body was read to its end (attempts past the 64th are
+    /// not tracked, and count as sent).
+    pub(crate) fn was_sent(&self, id: u32) -> bool {
+        id >= 64 || self.sent.load(std::sync::atomic::Ordering::Relaxed) & (1 << id) != 0
+    }
 }
 
 impl FallbackReport {
@@ -235,6 +253,11 @@ pub enum StopReason {
     Deadline,
     /// The inner service failed while getting ready for the next attempt.
     Unready,
+    /// The request is not sent to another target: its body is not rewritten for targets (not
+    /// a JSON object, no multipart `model` field) and its method is not idempotent, so it may
+    /// already have taken effect (see
+    /// [`replay_unrewritable_bodies`](crate::FallbackLayer::replay_unrewritable_bodies)).
+    NotReplayable,
 }
 
 impl fmt::Display for StopReason {
@@ -244,6 +267,9 @@ impl fmt::Display for StopReason {
             StopReason::RetryBudget => "the retry budget is spent",
             StopReason::Deadline => "the overall deadline passed",
             StopReason::Unready => "the inner service failed to get ready for the next attempt",
+            StopReason::NotReplayable => {
+                "the request is not sent elsewhere: its body is not rewritten per target and its method is not idempotent"
+            }
         })
     }
 }
@@ -259,9 +285,17 @@ pub struct Attempt {
     pub(crate) outcome: AttemptOutcome,
     pub(crate) elapsed: Duration,
     pub(crate) decision: Decision,
+    pub(crate) outcome_unknown: bool,
 }
 
 impl Attempt {
+    /// Whether the request reached the upstream and what came of it is unknown: a timeout, a
+    /// reset or a dropped stream after the request was sent (or a success head whose body then
+    /// failed). The provider may have processed — and billed — it.
+    pub fn outcome_unknown(&self) -> bool {
+        self.outcome_unknown
+    }
+
     /// The target's name (a member's, for a target of a group).
     pub fn target(&self) -> &str {
         &self.target

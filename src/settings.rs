@@ -35,6 +35,8 @@ pub(crate) struct Shared {
     pub(crate) commit_on: crate::response::CommitPoint,
     /// A committed stream that fails ends with its format's terminal error event.
     pub(crate) stream_error_events: bool,
+    /// Re-sends requests whose body is not rewritten per target to other targets.
+    pub(crate) replay_unrewritable: bool,
     /// Cuts a committed body whose upstream sends nothing for this long.
     pub(crate) stream_idle_timeout: Option<Duration>,
     pub(crate) first_byte_timeout: Option<std::time::Duration>,

@@ -423,3 +423,66 @@ async fn a_committed_stream_that_stalls_is_cut_after_the_stream_idle_timeout() {
         .unwrap()
         .contains("stream idle timeout"));
 }
+
+// The caller going away: nothing is paid for that nobody reads.
+
+/// An upstream that streams `opening` and then holds the stream open; `sent` is notified once
+/// the opening is written.
+async fn holding(opening: String, sent: Arc<tokio::sync::Notify>) -> Upstream {
+    Upstream::start(move |_| {
+        let (opening, sent) = (opening.clone(), sent.clone());
+        async move {
+            let (response, tx) = streamed(200);
+            tokio::spawn(async move {
+                let _ = tx.send(Ok(Bytes::from(opening))).await;
+                sent.notify_one();
+                // Held open until the reader goes away.
+                tx.closed().await;
+            });
+            response
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_caller_who_leaves_while_a_preamble_is_held_closes_the_upstream_and_starts_no_fallback() {
+    let sent = Arc::new(tokio::sync::Notify::new());
+    let opening = events(&fixture("anthropic_messages.sse"))[..3].concat();
+    let primary = holding(opening, sent.clone()).await;
+    let fallback = serving(&fixture("anthropic_messages.sse")).await;
+    let layer = layer(primary.url(), fallback.url());
+    let task = tokio::spawn(stack(&layer).oneshot(chat_request(STREAM_REQUEST)));
+    tokio::time::timeout(Duration::from_secs(5), sent.notified())
+        .await
+        .expect("the primary sent its preamble");
+    assert!(!task.is_finished(), "the preamble is held, not handed over");
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    assert!(
+        primary.wait_closed(1).await,
+        "the primary's connection closed"
+    );
+    assert_eq!(fallback.count(), 0, "no fallback after the caller left");
+}
+
+#[tokio::test]
+async fn a_caller_who_drops_a_committed_stream_closes_the_upstream_at_once() {
+    let sent = Arc::new(tokio::sync::Notify::new());
+    let opening = events(&fixture("openai_chat.sse"))[..2].concat();
+    let primary = holding(opening.clone(), sent).await;
+    let fallback = serving(&fixture("openai_chat.sse")).await;
+    let response = stack(&layer(primary.url(), fallback.url()))
+        .oneshot(chat_request(STREAM_REQUEST))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    assert_eq!(next_data(&mut body).await, opening.as_bytes());
+    assert_eq!(primary.closed.load(Ordering::SeqCst), 0);
+    drop(body);
+    assert!(
+        primary.wait_closed(1).await,
+        "the primary's connection closed"
+    );
+    assert_eq!(fallback.count(), 0);
+}

@@ -211,6 +211,11 @@ impl<R: Body> Engine<R> {
         self.shared.hedge.map_or(1, |h| h.max_in_flight.max(1))
     }
 
+    /// Whether the request may go to another target (see [`Prepared::replayable`]).
+    fn may_move_on(&self) -> bool {
+        self.shared.replay_unrewritable || self.prepared.replayable()
+    }
+
     fn deadline_passed(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|at| now >= at)
     }
@@ -250,7 +255,12 @@ impl<R: Body> Engine<R> {
         let load = balanced
             .filter(|g| g.len() > 1)
             .map(|_| self.shared.loads.start(index));
+        let mut request = plan.request;
+        let empty_body = request.body().is_empty();
+        let body = std::mem::take(request.body_mut());
+        *request.body_mut() = body.tracked(self.report.cells(), id);
         self.flights.push(Flight {
+            empty_body,
             id,
             index,
             ticket: next.chosen.ticket,
@@ -263,7 +273,7 @@ impl<R: Body> Engine<R> {
         self.hedge_timer = hedge_after.is_some();
         Ok(Launch {
             id,
-            request: plan.request,
+            request,
             hedge_after,
         })
     }
@@ -321,7 +331,10 @@ impl<R: Body> Engine<R> {
         if !self.hedge_timer {
             return Step::Call;
         }
-        if self.stopped.is_some() || self.flights.len() >= self.max_in_flight() {
+        if self.stopped.is_some()
+            || self.flights.len() >= self.max_in_flight()
+            || !self.may_move_on()
+        {
             return Step::Poll(None);
         }
         if self.next.is_none() {
@@ -376,6 +389,9 @@ impl<R: Body> Engine<R> {
             if let Some(plan) = self.retry(index, retry_after, now) {
                 return plan;
             }
+        }
+        if !self.may_move_on() {
+            return (Decision::Return, Plan::Stop(StopReason::NotReplayable));
         }
         if self.next.is_none() {
             let Some(chosen) =

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::policy::Decision;
+use crate::policy::{Decision, ErrorKind};
 use crate::report::{Attempt, AttemptOutcome, FallbackReport};
 use crate::resilience::balance::{InFlight, FAILURE_PENALTY};
 use crate::resilience::health::Ticket;
@@ -21,6 +21,8 @@ pub(crate) struct Flight {
     pub(crate) model: Option<Arc<str>>,
     pub(crate) substituted: bool,
     pub(crate) started: Instant,
+    /// Its request has no body: whether it was sent cannot be seen.
+    pub(crate) empty_body: bool,
 }
 
 /// Records `flight` with what came of it and what was decided.
@@ -46,7 +48,17 @@ pub(crate) fn record(
         .get(flight.index)
         .map(|t| t.name.clone())
         .unwrap_or_else(|| Arc::from("?"));
+    let sent = flight.empty_body || report.cells.was_sent(flight.id);
+    let outcome_unknown = match &outcome {
+        AttemptOutcome::BodyFailed { .. } => true,
+        AttemptOutcome::Error { kind, .. } => {
+            sent && !matches!(kind, ErrorKind::Connect | ErrorKind::Overloaded)
+        }
+        AttemptOutcome::Superseded => sent,
+        AttemptOutcome::Status(_) | AttemptOutcome::ErrorEvent { .. } => false,
+    };
     let attempt = Attempt {
+        outcome_unknown,
         group: shared.group_name(flight.index).cloned(),
         target: name,
         target_index: flight.index,

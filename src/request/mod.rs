@@ -70,6 +70,16 @@ pub(crate) struct AttemptPlan {
 }
 
 impl Prepared {
+    /// Whether the request may go to another target after a failure: its body is rewritten
+    /// for each target (a JSON object, or multipart with a `model` field), or its method is
+    /// idempotent (GET, HEAD). Any other body (a file upload, a batch, a run with side effects)
+    /// is the same request everywhere, and it may have taken effect where it failed.
+    pub(crate) fn replayable(&self) -> bool {
+        matches!(self.plan, BodyPlan::Json(_) | BodyPlan::Multipart(_))
+            || self.method == Method::GET
+            || self.method == Method::HEAD
+    }
+
     /// Whether `target` can be sent this body with its own model in it: not when the body is
     /// compressed and the target names a model (it would get the caller's model instead).
     pub(crate) fn fits(&self, target: &Target) -> bool {

@@ -9,6 +9,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use crate::report::BodyCells;
+
 /// The request body the inner service receives: slices of the caller's one buffered body (with
 /// the target's model spliced in), replayed without copying.
 ///
@@ -27,6 +29,8 @@ pub struct ReplayBody {
     segments: Segments,
     next: usize,
     remaining: u64,
+    /// Where to record that the body was read to its end, and as which attempt.
+    sent: Option<(Arc<BodyCells>, u32)>,
 }
 
 /// How many segments a [`ReplayBody`] keeps without allocating.
@@ -66,7 +70,14 @@ impl ReplayBody {
             segments,
             next: 0,
             remaining,
+            sent: None,
         }
+    }
+
+    /// This body records in `cells` when it has been read to its end, as attempt `id`.
+    pub(crate) fn tracked(mut self, cells: Arc<BodyCells>, id: u32) -> Self {
+        self.sent = Some((cells, id));
+        self
     }
 
     /// An empty body.
@@ -128,6 +139,11 @@ impl Body for ReplayBody {
             Some(chunk) => {
                 this.next += 1;
                 this.remaining -= chunk.len() as u64;
+                if this.next == segments.len() {
+                    if let Some((cells, id)) = &this.sent {
+                        cells.mark_sent(*id);
+                    }
+                }
                 Poll::Ready(Some(Ok(Frame::data(chunk.clone()))))
             }
             None => Poll::Ready(None),
