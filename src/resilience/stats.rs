@@ -453,6 +453,7 @@ mod tests {
             outcome: AttemptOutcome::Status(StatusCode::from_u16(status).unwrap()),
             elapsed: Duration::ZERO,
             decision: Decision::NextTarget,
+            outcome_unknown: false,
         }
     }
 
