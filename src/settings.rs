@@ -55,10 +55,6 @@ pub(crate) struct Shared {
     pub(crate) catalog: Option<Arc<ModelCatalog>>,
 }
 
-/// How a shared health store names a target across processes: `name|base_url|model`, plus a
-/// short fingerprint of its credential when it has one, so that two keys for the same provider
-/// and model (two quota pools) are two targets. The fingerprint is 32 bits of FNV-1a: enough to
-/// tell keys apart, too little to say anything about a key.
 impl Shared {
     /// The name of target `index`'s group; `None` for a target given on its own.
     pub(crate) fn group_name(&self, index: usize) -> Option<&Arc<str>> {
@@ -67,6 +63,10 @@ impl Shared {
     }
 }
 
+/// How a shared health store names a target across processes: `name|base_url|model`, plus a
+/// short fingerprint of its credential when it has one, so that two keys for the same provider
+/// and model (two quota pools) are two targets. The fingerprint is 32 bits of FNV-1a: enough to
+/// tell keys apart, too little to say anything about a key.
 pub(crate) fn target_key(target: &Target) -> Box<str> {
     let mut key = format!(
         "{}|{}|{}",

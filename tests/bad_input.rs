@@ -250,3 +250,33 @@ async fn an_absolute_uri_for_another_host_is_refused_and_a_targets_own_is_taken(
     assert!(send(&layer, twice).await.unwrap_err().is_misdirected());
     assert_eq!(up.count(), 2);
 }
+
+#[tokio::test]
+async fn user_info_in_an_absolute_uri_is_not_part_of_the_destination_and_is_never_echoed() {
+    let up = Upstream::chat("served").await;
+    let layer = FallbackLayer::new([Target::new(up.url_with("/v1")).unwrap()]).unwrap();
+    let with_key = |uri: String| {
+        Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    let elsewhere = with_key("https://user:sk-secret@api.openai.com/chat/completions".into());
+    let err = send(&layer, elsewhere).await.unwrap_err();
+    assert!(err.is_misdirected(), "{err}");
+    let message = format!("{err} {err:?}");
+    assert!(
+        !message.contains("sk-secret") && !message.contains("user:"),
+        "{message}"
+    );
+    assert!(
+        message.contains("names https://api.openai.com,"),
+        "{message}"
+    );
+    // The target's own host with user info in front is still the target's.
+    let own = up
+        .url_with("/chat/completions")
+        .replace("http://", "http://user:sk-secret@");
+    assert_eq!(send(&layer, with_key(own)).await.unwrap(), 200);
+    assert_eq!(up.count(), 1);
+}

@@ -276,6 +276,16 @@ fn route<B>(request: &mut Request<B>) -> Result<bool, Refusal> {
             "no such route; the API is under /v1",
         ));
     };
+    if rest == "/v1" || rest.starts_with("/v1/") {
+        // The layer would say "send /chat/completions", which is right for a target's base URL
+        // but not for the gateway's own routes: say it in the gateway's terms.
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "the path repeats /v1; the API is under a single /v1, e.g. /v1/chat/completions \
+             (an SDK's base URL ends in /v1 and its paths do not)",
+        ));
+    }
     if has_dot_segment(rest) {
         return Err((
             StatusCode::BAD_REQUEST,

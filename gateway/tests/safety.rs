@@ -56,6 +56,25 @@ async fn paths_with_dot_segments_get_a_400_and_nothing_goes_upstream() {
     assert_eq!(up.count(), 1);
 }
 
+#[tokio::test]
+async fn a_path_that_repeats_v1_gets_a_400_in_the_gateways_terms_and_nothing_goes_upstream() {
+    let up = RawUpstream::start(OK, false).await;
+    let gw = gateway(config(&[("only", up.url())]), &[]).await;
+    for path in ["/v1/v1/chat/completions", "/v1/v1"] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{CHAT}",
+            CHAT.len()
+        );
+        let response = raw(gw.addr, request.as_bytes()).await;
+        assert_openai_error(&response, 400, "invalid_path");
+        let json: serde_json::Value = serde_json::from_slice(&body_of(&response)).unwrap();
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("e.g. /v1/chat/completions"), "{message}");
+    }
+    assert_eq!(up.count(), 0, "the upstream saw no request");
+}
+
 fn with_clients(up: &RawUpstream) -> serde_json::Value {
     let mut c = config(&[("only", up.url())]);
     c["targets"][0]["api_key_env"] = "TARGET_KEY".into();

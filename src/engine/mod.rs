@@ -308,6 +308,14 @@ impl<R: Body> Engine<R> {
         }
         if !member_could_fix(&assessed.outcome) {
             self.order.leave_group(&self.shared, index);
+            // A hedge already chosen in the same group (its call waiting for readiness) goes
+            // too; its ticket gives the admission back.
+            let group = self.shared.group_of.get(index);
+            if (self.next.as_ref())
+                .is_some_and(|n| self.shared.group_of.get(n.chosen.index) == group)
+            {
+                self.next = None;
+            }
         }
         let (decision, plan) = self.plan(index, assessed.decision, assessed.retry_after, now);
         self.record(flight, assessed.outcome, decision, now);
@@ -580,9 +588,13 @@ fn member_could_fix(outcome: &AttemptOutcome) -> bool {
         AttemptOutcome::Status(status) => {
             matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
         }
-        AttemptOutcome::ErrorEvent { code, .. } => !code
-            .as_deref()
-            .is_some_and(|c| c.contains("model_not_found") || c.contains("context_length")),
+        // Content-policy codes (`content_filter`, `content_policy_violation`, …) are the model's
+        // too: every member would refuse the same prompt.
+        AttemptOutcome::ErrorEvent { code, .. } => !code.as_deref().is_some_and(|c| {
+            c.contains("model_not_found")
+                || c.contains("context_length")
+                || c.starts_with("content_")
+        }),
         AttemptOutcome::Error { .. }
         | AttemptOutcome::BodyFailed { .. }
         | AttemptOutcome::Superseded => true,

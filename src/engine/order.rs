@@ -160,11 +160,19 @@ impl Order {
 }
 
 /// Power-of-two-choices among the members of `group` not in `tried`: two drawn in proportion
-/// to their weights, and the one whose load per unit of weight is lower. `None` when every
-/// member was tried.
+/// to their weights, and the one whose load per unit of weight is lower. Members cooling down
+/// are left out of the draw while another is available, so that whether a request counts as a
+/// fallback does not depend on the draw; once only cooling members are left they are drawn (and
+/// skipped, recorded, by the health store). `None` when every member was tried.
 fn pick(shared: &Shared, group: &Group, tried: u64, now: Instant) -> Option<usize> {
     let weight = |i: usize| u64::from(shared.weights.get(i).copied().unwrap_or(1));
-    let open = |i: &usize| tried & (1 << (i - group.start)) == 0;
+    let untried = |i: &usize| tried & (1 << (i - group.start)) == 0;
+    let available =
+        |i: &usize| (shared.health.as_ref()).is_none_or(|h| h.cooling_for(*i).is_zero());
+    let any_available = (group.start..group.end)
+        .filter(untried)
+        .any(|i| available(&i));
+    let open = |i: &usize| untried(i) && (!any_available || available(i));
     let draw = |except: Option<usize>| {
         let candidates = (group.start..group.end)
             .filter(open)

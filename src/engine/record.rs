@@ -36,10 +36,18 @@ pub(crate) fn record(
 ) {
     let elapsed = now.saturating_duration_since(flight.started);
     if let Some(load) = flight.load.take() {
-        // A dropped hedge says nothing of its member's speed; a failure says it is no place to go.
-        match (&outcome, decision) {
-            (AttemptOutcome::Superseded, _) => {}
-            (_, Decision::Return) => load.finish(elapsed, now),
+        // A dropped hedge says nothing of its member's speed; a failure says it is no place to
+        // go. Only an answer the caller can use counts at its real speed: a member whose revoked
+        // key answers 401 in 20 ms is not the group's fastest, or it would win every draw.
+        match &outcome {
+            AttemptOutcome::Superseded => {}
+            AttemptOutcome::Status(status)
+                if decision == Decision::Return
+                    && !status.is_client_error()
+                    && !status.is_server_error() =>
+            {
+                load.finish(elapsed, now)
+            }
             _ => load.finish(elapsed.max(FAILURE_PENALTY), now),
         }
     }

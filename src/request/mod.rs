@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::PathAndQuery;
+use http::uri::{Authority, PathAndQuery};
 use http::{request, Extensions, Method, Request};
 
 use crate::error::FallbackError;
@@ -220,10 +220,16 @@ fn check_destination(
         let scheme = uri.scheme().unwrap_or(&http::uri::Scheme::HTTP);
         let known = targets
             .iter()
-            .any(|t| t.authority == *authority && t.scheme == *scheme);
+            .any(|t| t.scheme == *scheme && same_origin_host(&t.authority, authority, scheme));
         if !known {
+            // Host and port only: user info in the URI may be a key, and is never echoed.
+            let host = authority.host();
+            let port = authority
+                .port()
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default();
             return Err(FallbackError::misdirected(format!(
-                "the request URI names {scheme}://{authority}, which is no target's; each \
+                "the request URI names {scheme}://{host}{port}, which is no target's; each \
                  attempt goes to a target's base URL: send the path alone, relative to it \
                  (e.g. /chat/completions)"
             )));
@@ -244,7 +250,19 @@ fn check_destination(
     Ok(())
 }
 
-/// A `content-length` value in one allocation (`HeaderValue::from(usize)` takes two).
+/// Whether `theirs` names the host and port of `ours` (a target's authority, which has no user
+/// info): hosts compare without regard to case, an absent port is the scheme's default, and user
+/// info in the caller's URI is not part of where the request goes.
+fn same_origin_host(ours: &Authority, theirs: &Authority, scheme: &http::uri::Scheme) -> bool {
+    let default = if *scheme == http::uri::Scheme::HTTPS {
+        443
+    } else {
+        80
+    };
+    ours.host().eq_ignore_ascii_case(theirs.host())
+        && ours.port_u16().unwrap_or(default) == theirs.port_u16().unwrap_or(default)
+}
+
 /// Removes the hop-by-hop headers (with those named by `connection`) and the credential headers
 /// from the caller's `headers`; returns the credentials removed, marked sensitive.
 fn remove_hop_and_credentials(
@@ -291,6 +309,7 @@ fn remove_hop_and_credentials(
     caller_credentials
 }
 
+/// A `content-length` value in one allocation (`HeaderValue::from(usize)` takes two).
 fn content_length(n: u64) -> HeaderValue {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -387,6 +406,21 @@ mod tests {
         assert_eq!(ct("+json"), Some(true));
         assert_eq!(ct("application/jsonp"), Some(false));
         assert_eq!(content_type_is_json(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn a_destination_is_its_host_and_port_with_the_schemes_default() {
+        use http::uri::Scheme;
+        let ours: Authority = "api.openai.com".parse().unwrap();
+        let same = |theirs: &str, scheme: &Scheme| {
+            same_origin_host(&ours, &theirs.parse().unwrap(), scheme)
+        };
+        assert!(same("API.OpenAI.com", &Scheme::HTTPS));
+        assert!(same("api.openai.com:443", &Scheme::HTTPS));
+        assert!(same("user:key@api.openai.com", &Scheme::HTTPS));
+        assert!(!same("api.openai.com:8443", &Scheme::HTTPS));
+        assert!(same("api.openai.com:80", &Scheme::HTTP));
+        assert!(!same("api.openai.com.evil.test", &Scheme::HTTPS));
     }
 
     #[test]

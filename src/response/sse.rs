@@ -261,6 +261,7 @@ fn status_for(code: &str) -> Option<StatusCode> {
         | "context_length_exceeded"
         | "max_output_tokens"
         | "content_filter"
+        | "content_filtered"
         | "content_policy_violation" => 400,
         other if other.starts_with("invalid_") || other.starts_with("image_") => 400,
         _ => return None,
