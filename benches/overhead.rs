@@ -4,7 +4,9 @@
 //! - `direct`: the inner service called with the body as a `ReplayBody` (the baseline);
 //! - `layer`: the same request through `FallbackLayer` (first target succeeds), stats on;
 //! - `layer_without_stats`: the same with `record_stats(false)`, to price the counters;
-//! - `fallback`: the first target answers 503, the second succeeds.
+//! - `fallback`: the first target answers 503, the second succeeds;
+//! - `group`: the same as `layer` with a group of three members in the first place: each request
+//!   draws two members and compares their latency estimates (the balance's price).
 //!
 //! Before the timings it prints the heap allocations per request of each path, counted by a
 //! counting global allocator. Run: `cargo bench --bench overhead`.
@@ -18,7 +20,7 @@ use criterion::{criterion_group, Criterion};
 use http::{Request, Response};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
-use tower_model_fallback::{FallbackLayer, ReplayBody, Target};
+use tower_model_fallback::{FallbackLayer, ReplayBody, Target, TargetGroup};
 
 mod common;
 use common::{body, drain, now, Instant};
@@ -72,7 +74,7 @@ where
     drain(response.into_body())
 }
 
-fn layers() -> [(&'static str, FallbackLayer); 3] {
+fn layers() -> [(&'static str, FallbackLayer); 4] {
     let target = |host: &str, model: &str| {
         Target::new(format!("http://{host}/v1"))
             .unwrap()
@@ -93,6 +95,17 @@ fn layers() -> [(&'static str, FallbackLayer); 3] {
         (
             "fallback",
             FallbackLayer::new([target("down.test", "a"), target("up.test", "b")]).unwrap(),
+        ),
+        (
+            "group",
+            FallbackLayer::new([
+                TargetGroup::new("g")
+                    .member(target("up.test", "gpt-4o-mini"))
+                    .member(target("up3.test", "gpt-4o-mini"))
+                    .member(target("up4.test", "gpt-4o-mini")),
+                target("up2.test", "b").into(),
+            ])
+            .unwrap(),
         ),
     ]
 }
@@ -152,7 +165,7 @@ fn main() {
         let (_, layer) = layers()
             .into_iter()
             .find(|(name, _)| *name == path)
-            .expect("direct, layer, layer_without_stats or fallback");
+            .expect("direct, layer, layer_without_stats, fallback or group");
         let service = layer.layer(Instant);
         for _ in 0..n {
             black_box(through(&service, &body));

@@ -21,6 +21,11 @@ echo '```'
 cargo bench --bench overhead -- --measurement-time 3 2>/dev/null | grep -E 'allocations|^  [a-z]|^overhead/|time:' | grep -v -e '^Benchmarking' -e '%'
 echo '```'
 echo
+echo "## Groups: one of three members rate-limited (cargo bench --bench groups)"
+echo '```'
+cargo bench --bench groups 2>/dev/null | grep -v -e '^$' -e 'Running'
+echo '```'
+echo
 echo "## Model substitution: instructions (scripts/substitute-instructions.sh)"
 echo '```'
 ./scripts/substitute-instructions.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per request for each path of benches/overhead.rs, counted by callgrind
-# (repeatable on a shared machine). Prints each path and its ratio to `direct`. Needs valgrind.
+# (repeatable on a shared machine). Prints each path and its ratio to `direct` and to `layer`
+# (the single-target layer: `group` against it is the balance's price). Needs valgrind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo bench --bench overhead --no-run 2>/dev/null
@@ -11,10 +12,13 @@ count() { # path iterations -> total instructions
 }
 n=2000
 direct=0
-printf '%-22s %14s %8s\n' path instructions ratio
-for path in direct layer layer_without_stats fallback; do
+layer=0
+printf '%-22s %14s %8s %9s\n' path instructions ratio 'vs layer'
+for path in direct layer layer_without_stats fallback group; do
   base=$(count "$path" 10); total=$(count "$path" $((n + 10)))
   per=$(( (total - base) / n ))
   [ "$path" = direct ] && direct=$per
-  printf '%-22s %14s %8s\n' "$path" "$per" "$(awk "BEGIN{printf \"%.2f\", $per/$direct}")"
+  [ "$path" = layer ] && layer=$per
+  vs=-; [ "$layer" -gt 0 ] && vs=$(awk "BEGIN{printf \"%.3f\", $per/$layer}")
+  printf '%-22s %14s %8s %9s\n' "$path" "$per" "$(awk "BEGIN{printf \"%.2f\", $per/$direct}")" "$vs"
 done
