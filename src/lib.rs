@@ -156,6 +156,8 @@ mod per_target;
 mod policy;
 mod report;
 mod request;
+#[cfg(feature = "reqwest")]
+mod reqwest_service;
 mod resilience;
 mod response;
 mod service;
@@ -178,6 +180,8 @@ pub use policy::{
 };
 pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, SkipReason, StopReason, Usage};
 pub use request::ReplayBody;
+#[cfg(feature = "reqwest")]
+pub use reqwest_service::{ReqwestFuture, ReqwestService};
 pub use resilience::{
     Admission, Bucket, Cooldowns, FallbackCount, HealthOutcome, HealthStore, Hedge,
     HistogramSnapshot, LatencyHistogram, Retries, Stats, StatsSnapshot, TargetId, TargetStats,

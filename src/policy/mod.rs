@@ -46,9 +46,11 @@ impl fmt::Display for Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// A timeout: tower's or tokio's `Elapsed`, hyper's timeout, or an I/O `TimedOut`.
+    /// A timeout: tower's or tokio's `Elapsed`, hyper's timeout, reqwest's (feature `reqwest`),
+    /// or an I/O `TimedOut`.
     Timeout,
-    /// The connection could not be made (refused, DNS, TLS handshake, …).
+    /// The connection could not be made (refused, DNS, TLS handshake, …), as hyper-util's client
+    /// (default feature `hyper-util`), reqwest (feature `reqwest`) or an I/O error says.
     Connect,
     /// The connection closed, reset or ended before a complete response.
     Closed,
@@ -96,6 +98,18 @@ impl ErrorKind {
         if e.is::<tower::load_shed::error::Overloaded>() {
             return ErrorKind::Overloaded;
         }
+        #[cfg(feature = "reqwest")]
+        if let Some(err) = e.downcast_ref::<reqwest::Error>() {
+            // Its own timer's error (`.timeout`, `.read_timeout`) is private to reqwest: only
+            // its predicates tell it.
+            if err.is_timeout() {
+                return ErrorKind::Timeout;
+            }
+            if err.is_connect() {
+                return ErrorKind::Connect;
+            }
+        }
+        #[cfg(feature = "hyper-util")]
         if let Some(err) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
             if err.is_connect() {
                 return ErrorKind::Connect;
