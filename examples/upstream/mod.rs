@@ -80,10 +80,35 @@ pub fn chat_completion(body: &serde_json::Value) -> Response<Full<Bytes>> {
     let answer = serde_json::json!({
         "id": "chatcmpl-example",
         "object": "chat.completion",
+        "created": 0,
         "model": model,
         "choices": [{"index": 0, "finish_reason": "stop",
                      "message": {"role": "assistant", "content": format!("Hello from {model}.")}}],
         "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     });
     json(200, answer.to_string())
+}
+
+/// A chat completion, or with `"stream": true` its server-sent events (three content chunks,
+/// then `[DONE]`), answering as the model the request asked for.
+pub fn chat_completion_or_stream(body: &serde_json::Value) -> Response<Full<Bytes>> {
+    if body["stream"] != serde_json::Value::Bool(true) {
+        return chat_completion(body);
+    }
+    let model = body["model"].as_str().unwrap_or("?");
+    let mut events = String::new();
+    for piece in ["Hello", " from ", model] {
+        let chunk = serde_json::json!({
+            "id": "chatcmpl-example", "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": null}]
+        });
+        events.push_str(&format!("data: {chunk}\n\n"));
+    }
+    events.push_str("data: [DONE]\n\n");
+    let mut response = Response::new(Full::new(Bytes::from(events)));
+    response.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    response
 }
