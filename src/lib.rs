@@ -193,6 +193,11 @@ pub use response::{CommitPoint, ResponseBody};
 pub use service::Fallback;
 pub use target::{AttemptTarget, Target};
 
+// Every Rust snippet of the README compiles (and those that need no network run) as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
+
 #[doc(hidden)]
 pub mod __private {
     //! Internals exposed for benchmarks, property tests and fuzzing only; not a stable API.
