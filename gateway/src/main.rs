@@ -12,6 +12,7 @@ usage:
   fallback-gateway                      run the demo (two upstreams of its own on 127.0.0.1)
   fallback-gateway --config PATH        serve the gateway that PATH describes
   fallback-gateway --check-config PATH  validate PATH (and its environment variables); exit 0 or 2
+  fallback-gateway --healthcheck ADDR   GET http://ADDR/healthz; exit 0 when it answers 200, else 1
   fallback-gateway --help               this text
   fallback-gateway --version            the version
 
@@ -34,6 +35,10 @@ fn main() -> ExitCode {
             println!("fallback-gateway {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
+        ["--healthcheck", addr] => match runtime() {
+            Ok(rt) => rt.block_on(healthcheck(addr)),
+            Err(e) => fail(format!("runtime: {e}")),
+        },
         ["--check-config", path] => match runtime() {
             // In a runtime: the layer's Redis store (feature `redis`) starts its tasks on it.
             Ok(rt) => rt.block_on(async {
@@ -192,6 +197,30 @@ async fn run(config: GatewayConfig, gateway: Gateway, demo: bool) -> ExitCode {
         }
         Err(e) => fail(format!("serve: {e}")),
     }
+}
+
+/// A container's health check without a shell or curl in the image: the binary asks itself.
+async fn healthcheck(addr: &str) -> ExitCode {
+    use http_body_util::Empty;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let Ok(uri) = format!("http://{addr}/healthz").parse::<http::Uri>() else {
+        return fail(format!(
+            "--healthcheck: {addr:?} is not an address like 127.0.0.1:8080"
+        ));
+    };
+    let asked = tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri)).await;
+    match asked {
+        Ok(Ok(response)) if response.status() == http::StatusCode::OK => ExitCode::SUCCESS,
+        Ok(Ok(response)) => unhealthy(format!("/healthz answered {}", response.status())),
+        Ok(Err(e)) => unhealthy(format!("/healthz: {e}")),
+        Err(_) => unhealthy("/healthz: no answer within 3 s"),
+    }
+}
+
+fn unhealthy(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("fallback-gateway: unhealthy: {message}");
+    ExitCode::from(1)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {

@@ -336,3 +336,39 @@ async fn sighup_reloads_a_valid_config_and_keeps_serving_through_an_invalid_one(
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(log_path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_exits_0_for_a_live_gateway_and_1_otherwise() {
+    let up =
+        support::RawUpstream::start(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", false).await;
+    let gw = support::gateway(support::config(&[("a", up.url())]), &[]).await;
+    let addr = gw.addr.to_string();
+    let live = tokio::task::spawn_blocking(move || run(&["--healthcheck", &addr], &[]));
+    assert_eq!(live.await.unwrap().status.code(), Some(0));
+    let closed = free_addr().to_string();
+    let dead = tokio::task::spawn_blocking(move || run(&["--healthcheck", &closed], &[]));
+    let dead = dead.await.unwrap();
+    assert_eq!(dead.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("unhealthy"));
+}
+
+#[test]
+fn the_sample_config_passes_check_config() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.sample.json");
+    let keys = [
+        ("WEB_CLIENT_KEY", "k"),
+        ("COMETAPI_KEY", "k"),
+        ("OPENAI_API_KEY", "k"),
+    ];
+    let out = run(&["--check-config", sample], &keys);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("targets cometapi -> openai, 1 clients"),
+        "{stdout}"
+    );
+}
