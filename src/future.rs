@@ -70,11 +70,17 @@ where
 {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, request: Request<B>) -> Self {
         let (head, body) = request.into_parts();
+        // OpenTelemetry's GenAI attribute names, so that a `tracing-opentelemetry` pipeline
+        // exports them as such; filled in when the request ends.
+        let empty = tracing::field::Empty;
         let span = tracing::info_span!(
             target: "tower_model_fallback",
             "model_fallback",
             method = %head.method,
             path = %head.uri.path(),
+            gen_ai.request.model = empty,
+            gen_ai.response.model = empty,
+            gen_ai.provider.name = empty,
         );
         let collector = Collector::new(shared.max_body_bytes);
         let phase = if collector.rejects(&body.size_hint()) {
@@ -135,6 +141,7 @@ where
                 }
             };
             if let Some(output) = this.apply(step) {
+                record_outcome(&span, &output);
                 return Poll::Ready(output);
             }
         }
@@ -299,5 +306,26 @@ where
             }
         }
         None
+    }
+}
+
+/// The request's GenAI attributes on its span: the model asked for, and the target and model
+/// that served it.
+fn record_outcome<R: Body>(span: &tracing::Span, output: &Output<R>) {
+    let report = match output {
+        Ok(response) => response.extensions().get::<crate::FallbackReport>(),
+        Err(error) => Some(error.report()),
+    };
+    let Some(report) = report else {
+        return;
+    };
+    if let Some(model) = report.requested_model() {
+        span.record("gen_ai.request.model", model);
+    }
+    if let Some(served) = report.served_by() {
+        span.record("gen_ai.provider.name", served.target());
+        if let Some(model) = served.model() {
+            span.record("gen_ai.response.model", model);
+        }
     }
 }

@@ -95,6 +95,18 @@ async fn each_attempt_is_one_event_in_the_request_span_at_its_level_without_keys
         returned.contains(" INFO ") && returned.contains("target_name=fallback"),
         "{returned}"
     );
+    // OpenTelemetry's GenAI names beside them; the second attempt is a resend.
+    assert!(
+        fallback_line.contains("gen_ai.provider.name=primary")
+            && !fallback_line.contains("http.request.resend_count"),
+        "{fallback_line}"
+    );
+    assert!(
+        returned.contains("gen_ai.provider.name=fallback")
+            && returned.contains("gen_ai.request.model=\"m-b\"")
+            && returned.contains("http.request.resend_count=1"),
+        "{returned}"
+    );
     for secret in [
         "sk-primary-secret",
         "sk-fallback-secret",

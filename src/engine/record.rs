@@ -101,6 +101,10 @@ fn log(attempt: &Attempt, number: usize) {
                 attempt = number,
                 target_name = %attempt.target,
                 model = attempt.model.as_deref().unwrap_or("-"),
+                // OpenTelemetry's GenAI and HTTP attribute names, beside the short ones.
+                gen_ai.provider.name = %attempt.target,
+                gen_ai.request.model = attempt.model.as_deref(),
+                http.request.resend_count = (number > 1).then(|| number - 1),
                 outcome = %attempt.outcome,
                 elapsed_ms = attempt.elapsed.as_millis() as u64,
                 decision = %attempt.decision,

@@ -53,6 +53,13 @@ impl UsageMeter {
             return;
         };
         let cost = self.pricing.and_then(|p| p.cost(prompt, completion));
+        tracing::event!(
+            target: "tower_model_fallback",
+            tracing::Level::DEBUG,
+            gen_ai.usage.input_tokens = prompt,
+            gen_ai.usage.output_tokens = completion,
+            "usage"
+        );
         if let Some((stats, target)) = &self.stats {
             stats.usage(*target, prompt, completion, cost);
         }
