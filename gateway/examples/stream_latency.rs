@@ -1,6 +1,8 @@
-//! Time to first chunk of a streamed answer: straight to the upstream vs through the gateway
-//! (the fallback layer inside the gateway's proxy), measured in the same run, interleaved, over
-//! loopback. Prints percentiles and the difference.
+//! Time to the first content chunk of a streamed answer: straight to the upstream vs through the
+//! gateway (the fallback layer inside the gateway's proxy), measured in the same run,
+//! interleaved, over loopback. The upstream opens as OpenAI does, with a role-only delta (the
+//! preamble the layer holds until the first content), then content. Prints percentiles and the
+//! difference.
 //!
 //! Run: `cargo run --release -p tower-model-fallback-gateway --example stream_latency -- [requests]` (default 500 each way).
 
@@ -14,6 +16,9 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower_model_fallback_gateway::{serve, Gateway, GatewayConfig};
+
+/// OpenAI's first chunk: a role-only delta.
+const ROLE: &[u8] = b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"finish_reason\":null}]}\n\n";
 
 const BODY: &str =
     r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
@@ -60,7 +65,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     direct.sort();
     through.sort();
     let pct = |v: &[Duration], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    println!("time to first chunk over loopback, {n} streamed requests each way, interleaved");
+    println!(
+        "time to the first content chunk over loopback, {n} streamed requests each way, interleaved"
+    );
     println!("{:<10} {:>10} {:>10} {:>10}", "", "p50", "p90", "p99");
     for (name, v) in [("direct", &direct), ("gateway", &through)] {
         println!(
@@ -79,7 +86,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     Ok(())
 }
 
-/// Sends one streamed chat request and returns the time until its first body chunk.
+/// Sends one streamed chat request and returns the time until the first chunk that carries
+/// content (past the role-only preamble).
 async fn first_chunk(
     client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
     url: &str,
@@ -90,13 +98,21 @@ async fn first_chunk(
     let started = Instant::now();
     let response = client.request(request).await?;
     let mut body = response.into_body();
-    let _first = body.frame().await.ok_or("no first chunk")??;
+    loop {
+        let frame = body.frame().await.ok_or("no content chunk")??;
+        if frame
+            .data_ref()
+            .is_some_and(|d| d.windows(3).any(|w| w == b"Hel"))
+        {
+            break;
+        }
+    }
     let elapsed = started.elapsed();
     while body.frame().await.transpose()?.is_some() {}
     Ok(elapsed)
 }
 
-/// An upstream that sends the head and a first SSE event at once, then two more events.
+/// An upstream that sends the head and a role-only delta at once, then content in two events.
 async fn streaming_upstream() -> std::io::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -107,6 +123,7 @@ async fn streaming_upstream() -> std::io::Result<std::net::SocketAddr> {
                 let _ = request.into_body().collect().await;
                 let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
                 tokio::spawn(async move {
+                    let _ = tx.send(Bytes::from_static(ROLE)).await;
                     let _ = tx
                         .send(Bytes::from_static(
                             b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
