@@ -315,6 +315,45 @@ async fn a_preamble_held_past_the_first_byte_timeout_commits_there() {
     assert!(first.into_data().unwrap().starts_with(b"data: {\"id\""));
 }
 
+#[tokio::test(start_paused = true)]
+async fn comments_alone_past_the_first_byte_timeout_are_no_sign_of_life_and_move_on() {
+    // A queue's keep-alive comments (and a `data:` heartbeat) while no model works: the
+    // timeout moves on, as it does for a stream that sent nothing.
+    for opening in [
+        ": PROCESSING\n\n",
+        ": PROCESSING\n\ndata:\n\n",
+        "data: {\"cho",
+    ] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let inner = stalling_stream(opening.to_owned(), calls.clone());
+        let layer = slow_then_fast(Duration::from_secs(7));
+        let started = tokio::time::Instant::now();
+        let result = tower::Layer::layer(&layer, inner)
+            .oneshot(chat_request(STREAM_REQUEST))
+            .await;
+        // Both targets were tried, each cut at its first-byte timeout.
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "{opening:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(14), "{opening:?}");
+        let report = match &result {
+            Ok(response) => report_of(response),
+            Err(error) => error.report().clone(),
+        };
+        assert!(report.is_exhausted(), "{opening:?}: {report}");
+    }
+}
+
+#[tokio::test]
+async fn a_preamble_split_into_one_byte_chunks_is_held_and_dropped_like_a_whole_one() {
+    let stream = fixture("openai_responses.sse");
+    let opening: String = events(&stream)[..4].concat();
+    let bytes: Vec<&str> = (0..opening.len()).map(|i| &opening[i..i + 1]).collect();
+    let primary = RawUpstream::start(chunked(&bytes, false), Then::Close).await;
+    let fallback = serving(&stream).await;
+    let (report, body, error) = run(&layer(primary.url(), fallback.url())).await;
+    assert_eq!((body, error), (stream, None));
+    assert_eq!(report.served_by().unwrap().target(), "fallback");
+}
+
 // After the commit point: a failure ends the stream with its format's own terminal error event,
 // then the body error.
 

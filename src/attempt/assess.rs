@@ -96,9 +96,10 @@ pub(crate) fn body<R: Body>(
         return response_assessed(peek, outcome, decision, Some(&bytes), shared);
     }
     let failure = match stop {
-        // A stream that sent its preamble but no content within the first-byte timeout is
-        // slow, not gone: it commits.
-        Stop::TimedOut if peek.event_stream && !peek.contiguous().is_empty() => {
+        // A stream that sent a preamble event but no content within the first-byte timeout is
+        // slow, not gone: it commits. Comments alone (a queue's keep-alives) are no sign of a
+        // model at work: the attempt times out and moves on.
+        Stop::TimedOut if peek.event_stream && peek.preamble_seen() => {
             return committed(peek, shared)
         }
         Stop::TimedOut => Some((

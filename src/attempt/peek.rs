@@ -54,6 +54,12 @@ pub(crate) struct Peek<R: Body> {
     /// What the read so far shows of the stream's commit point, as of `scanned_at` bytes read.
     pub(crate) found: Found,
     scanned_at: usize,
+    /// An event stream's bytes after its last complete event, while its commit point is not
+    /// found: what the next scan starts from. Each byte is copied here once and scanned once,
+    /// however finely the upstream splits its preamble; it holds at most one unfinished event.
+    tail: Vec<u8>,
+    /// Whether a complete preamble event (not only comments) has been read.
+    preamble_seen: bool,
     /// The stream's wire format, once an event shows it.
     pub(crate) dialect: Option<Dialect>,
 }
@@ -71,8 +77,13 @@ impl<R: Body> Peek<R> {
             ended: false,
             event_stream,
             first_event: false,
-            found: Found::Preamble { scanned: 0 },
+            found: Found::Preamble {
+                scanned: 0,
+                events: 0,
+            },
             scanned_at: 0,
+            tail: Vec::new(),
+            preamble_seen: false,
             dialect: None,
         }
     }
@@ -121,15 +132,24 @@ impl<R: Body> Peek<R> {
     /// Looks for the stream's commit point in what arrived since the last look (the preamble
     /// already scanned is not parsed again).
     pub(crate) fn scan(&mut self) {
-        let Found::Preamble { scanned } = self.found else {
-            return;
-        };
-        if self.scanned_at == self.read {
+        if !matches!(self.found, Found::Preamble { .. }) || self.scanned_at == self.read {
             return;
         }
         self.scanned_at = self.read;
-        let bytes = self.contiguous();
-        self.found = sse::scan(&bytes, scanned, self.first_event, &mut self.dialect);
+        self.found = sse::scan(&self.tail, 0, self.first_event, &mut self.dialect);
+        match self.found {
+            Found::Preamble { scanned, events } => {
+                self.preamble_seen |= events > 0;
+                self.tail.drain(..scanned);
+            }
+            _ => self.tail = Vec::new(),
+        }
+    }
+
+    /// Whether a complete preamble event has been read: the stream is alive, only slow to its
+    /// first content. A comment (`: keep-alive`) or half an event is not enough.
+    pub(crate) fn preamble_seen(&self) -> bool {
+        self.preamble_seen
     }
 
     /// The bytes read so far, in one buffer (error paths and first chunks only).
@@ -185,6 +205,9 @@ where
                     Some(data) if !data.has_remaining() => {}
                     Some(data) => {
                         self.read += data.remaining();
+                        if self.event_stream && matches!(self.found, Found::Preamble { .. }) {
+                            self.tail.extend_from_slice(data.chunk());
+                        }
                         self.frames.push_back(frame);
                     }
                     None => self.frames.push_back(frame),

@@ -80,6 +80,11 @@ impl Event {
     }
 
     /// What the event is, and the dialect it shows (`None` when it shows none).
+    /// An unnamed event with empty data: no content, no preamble, only a keep-alive.
+    fn is_heartbeat(&self) -> bool {
+        self.name.is_none() && self.data.iter().all(u8::is_ascii_whitespace)
+    }
+
     pub(crate) fn kind(&self) -> (Kind, Option<Dialect>) {
         let json: Option<serde_json::Value> = serde_json::from_slice(&self.data).ok();
         let typ = json
@@ -161,8 +166,9 @@ fn chat_preamble(chunk: &serde_json::Value, choices: &serde_json::Value) -> bool
 /// Where a stream's commit point is, in the bytes read so far.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Found {
-    /// Not yet: every complete event so far was preamble; `scanned` bytes of them.
-    Preamble { scanned: usize },
+    /// Not yet: every complete block so far was preamble (or a comment); `scanned` bytes of
+    /// them, `events` of which were events.
+    Preamble { scanned: usize, events: usize },
     /// A content event (or an unrecognised one) completes at this offset.
     Content,
     /// An error event, with its data.
@@ -178,9 +184,13 @@ pub(crate) fn scan(
     dialect: &mut Option<Dialect>,
 ) -> Found {
     let mut offset = from.min(buf.len());
+    let mut events = 0;
     loop {
         let Some((block, next)) = split_block(&buf[offset..]) else {
-            return Found::Preamble { scanned: offset };
+            return Found::Preamble {
+                scanned: offset,
+                events,
+            };
         };
         let consumed = buf.len() - offset - next.len();
         offset += consumed;
@@ -188,21 +198,26 @@ pub(crate) fn scan(
             continue;
         }
         let event = Event::parse(block);
+        if event.is_heartbeat() {
+            // `data:` with nothing in it, unnamed: a keep-alive, like a comment.
+            continue;
+        }
         let (kind, shown) = event.kind();
         if dialect.is_none() {
             *dialect = shown;
         }
         match kind {
             Kind::Error => return Found::Error(event.data),
-            Kind::Preamble if !first_event => {}
+            Kind::Preamble if !first_event => events += 1,
             Kind::Preamble | Kind::Content => return Found::Content,
         }
     }
 }
 
-/// Whether a block is an event (it has a `data` or `event` field), not a comment.
+/// Whether a block is an event a client dispatches: it has a `data` field (a block of
+/// comments, or of an `event` name alone, dispatches nothing, as the SSE spec says).
 fn is_event(block: &[u8]) -> bool {
-    lines(block).any(|l| l.starts_with(b"data") || l.starts_with(b"event"))
+    lines(block).any(|l| l.starts_with(b"data"))
 }
 
 /// The status an error event stands for, and its code: Anthropic's `error.type`
@@ -346,15 +361,33 @@ mod tests {
     fn comments_and_incomplete_events_are_not_a_commit_point() {
         assert_eq!(
             scan_all(b"data: {\"a\":1}\n").0,
-            Found::Preamble { scanned: 0 }
+            Found::Preamble {
+                scanned: 0,
+                events: 0
+            }
         );
         assert_eq!(
             scan_all(b": keep-alive\n\n").0,
-            Found::Preamble { scanned: 14 }
+            Found::Preamble {
+                scanned: 14,
+                events: 0
+            }
         );
         assert_eq!(
             scan_all(b": keep-alive\r\n\r\ndata: 1\r\n\r\n").0,
             Found::Content
+        );
+    }
+
+    #[test]
+    fn an_empty_data_heartbeat_and_a_name_alone_are_not_content() {
+        let (found, _) = scan_all(b"data:\n\nevent: ping\n\n");
+        assert_eq!(
+            found,
+            Found::Preamble {
+                scanned: 20,
+                events: 0
+            }
         );
     }
 
@@ -365,7 +398,8 @@ mod tests {
             scan_all(role),
             (
                 Found::Preamble {
-                    scanned: role.len()
+                    scanned: role.len(),
+                    events: 1
                 },
                 Some(Dialect::Chat)
             )
