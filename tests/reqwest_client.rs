@@ -70,11 +70,7 @@ async fn a_reqwest_timeout_against_a_hanging_server_falls_back_to_the_next_targe
         .unwrap();
     let start = tokio::time::Instant::now();
     let response = service.oneshot(chat_request(CHAT)).await.unwrap();
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
+    let report = report_of(&response);
     println!("{report}");
     assert_eq!(response.status(), 200);
     let body = body_string(response.into_body()).await;
@@ -108,11 +104,7 @@ async fn a_refused_connection_through_reqwest_is_a_connect_error_and_falls_back(
     .unwrap();
     let service = tower::Layer::layer(&layer, ReqwestService::new(reqwest::Client::new()));
     let response = service.oneshot(chat_request(CHAT)).await.unwrap();
-    let report = response
-        .extensions()
-        .get::<FallbackReport>()
-        .cloned()
-        .unwrap();
+    let report = report_of(&response);
     println!("{report}");
     assert_eq!(report.served_by().unwrap().target(), "up");
     assert_eq!(kind(&report, 0), Some(ErrorKind::Connect), "{report}");

@@ -166,13 +166,22 @@ impl Order {
 /// skipped, recorded, by the health store). `None` when every member was tried.
 fn pick(shared: &Shared, group: &Group, tried: u64, now: Instant) -> Option<usize> {
     let weight = |i: usize| u64::from(shared.weights.get(i).copied().unwrap_or(1));
-    let untried = |i: &usize| tried & (1 << (i - group.start)) == 0;
-    let available =
-        |i: &usize| (shared.health.as_ref()).is_none_or(|h| h.cooling_for(*i).is_zero());
-    let any_available = (group.start..group.end)
-        .filter(untried)
-        .any(|i| available(&i));
-    let open = |i: &usize| untried(i) && (!any_available || available(i));
+    let bit = |i: usize| 1u64 << (i - group.start);
+    // The health store is asked once per member, not once per look in each draw.
+    let cooling = match &shared.health {
+        Some(health) => (group.start..group.end)
+            .filter(|&i| tried & bit(i) == 0 && !health.cooling_for(i).is_zero())
+            .fold(0, |mask, i| mask | bit(i)),
+        None => 0,
+    };
+    let untried = (group.start..group.end).fold(0, |mask, i| mask | bit(i)) & !tried;
+    // Only cooling members left: they are drawn (and the store skips them, recorded).
+    let eligible = if untried & !cooling != 0 {
+        untried & !cooling
+    } else {
+        untried
+    };
+    let open = |i: &usize| eligible & bit(*i) != 0;
     let draw = |except: Option<usize>| {
         let candidates = (group.start..group.end)
             .filter(open)
