@@ -144,7 +144,78 @@ pub struct FallbackConfig {
     pub refuse_pricier_fallbacks: bool,
 }
 
+/// What a `health_store` section resolves to: the Redis URL and the TLS files' contents (read
+/// only by the features that use them).
+#[cfg_attr(not(feature = "redis-tls"), allow(dead_code))]
+struct StoreLink {
+    url: String,
+    /// PEM: the CA certificates to trust.
+    ca: Option<Vec<u8>>,
+    /// PEM: the client certificate chain and its key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl StoreLink {
+    /// The TLS settings the files give, if any.
+    #[cfg(feature = "redis-tls")]
+    fn tls(&self) -> Option<crate::RedisTls> {
+        if self.ca.is_none() && self.identity.is_none() {
+            return None;
+        }
+        let mut tls = crate::RedisTls::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.root_ca_pem(ca.clone());
+        }
+        if let Some((chain, key)) = &self.identity {
+            tls = tls.client_identity_pem(chain.clone(), key.clone());
+        }
+        Some(tls)
+    }
+}
+
+/// The contents of the file that config field `field` names.
+fn read_pem(field: &'static str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::new(field, format!("cannot read {path} ({e})")))
+}
+
 impl HealthStoreConfig {
+    /// The Redis URL, from the file or the environment, and the TLS files, read.
+    fn link(
+        &self,
+        env: &impl Fn(&str) -> Option<String>,
+        allow_inline: bool,
+    ) -> Result<StoreLink, ConfigError> {
+        let url = self.url(env, allow_inline)?;
+        let named = self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self.tls_key_file.is_some();
+        if named && cfg!(not(feature = "redis-tls")) {
+            return Err(ConfigError::new(
+                "tls_ca_file",
+                "TLS to Redis needs tower-model-fallback built with its `redis-tls` feature",
+            ));
+        }
+        let ca = self
+            .tls_ca_file
+            .as_deref()
+            .map(|path| read_pem("tls_ca_file", path))
+            .transpose()?;
+        let identity = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some((
+                read_pem("tls_cert_file", cert)?,
+                read_pem("tls_key_file", key)?,
+            )),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::new(
+                    "tls_cert_file",
+                    "and tls_key_file go together: give both or neither",
+                ))
+            }
+        };
+        Ok(StoreLink { url, ca, identity })
+    }
+
     /// The Redis URL, from the file or the environment.
     fn url(
         &self,
@@ -193,17 +264,39 @@ impl HealthStoreConfig {
     }
 }
 
+/// A Redis store's error, in the config's terms: the TLS settings are files there.
+#[cfg(feature = "redis-tls")]
+fn in_config_terms(e: ConfigError) -> ConfigError {
+    let field = match e.field() {
+        "root_ca_pem" => "tls_ca_file",
+        "client_identity_pem" => "tls_cert_file",
+        _ => return e.within("health_store"),
+    };
+    ConfigError::new(field, e.problem().to_owned()).within("health_store")
+}
+
+#[cfg(all(feature = "redis", not(feature = "redis-tls")))]
+fn in_config_terms(e: ConfigError) -> ConfigError {
+    e.within("health_store")
+}
+
 #[cfg(feature = "redis")]
 fn shared_health(
     layer: FallbackLayer,
-    url: &str,
+    link: &StoreLink,
     config: &HealthStoreConfig,
     cooldowns: Option<Cooldowns>,
 ) -> Result<FallbackLayer, ConfigError> {
-    let store = crate::RedisHealth::new(url, &config.prefix)
+    let store = crate::RedisHealth::new(&link.url, &config.prefix)
         .and_then(|s| s.refresh(Duration::from_millis(config.refresh_ms)))
-        .and_then(|s| s.probe_lock(Duration::from_millis(config.probe_lock_ms)))
-        .map_err(|e| e.within("health_store"))?
+        .and_then(|s| s.probe_lock(Duration::from_millis(config.probe_lock_ms)));
+    #[cfg(feature = "redis-tls")]
+    let store = store.and_then(|s| match link.tls() {
+        Some(tls) => s.tls(&tls),
+        None => Ok(s),
+    });
+    let store = store
+        .map_err(in_config_terms)?
         .cooldowns(cooldowns.unwrap_or_default());
     Ok(layer.redis_health(store))
 }
@@ -211,26 +304,30 @@ fn shared_health(
 #[cfg(feature = "redis")]
 fn shared_budget(
     layer: FallbackLayer,
-    url: &str,
+    link: &StoreLink,
     config: &HealthStoreConfig,
     budget: &BudgetConfig,
 ) -> Result<FallbackLayer, ConfigError> {
     let shared = crate::RedisBudget::new(
-        url,
+        &link.url,
         &config.prefix,
         Duration::from_millis(budget.ttl_ms),
         budget.min_per_sec,
         budget.percent,
     )
-    .and_then(|b| b.refresh(Duration::from_millis(config.refresh_ms)))
-    .map_err(|e| e.within("health_store"))?;
-    Ok(layer.retry_budget(shared))
+    .and_then(|b| b.refresh(Duration::from_millis(config.refresh_ms)));
+    #[cfg(feature = "redis-tls")]
+    let shared = shared.and_then(|b| match link.tls() {
+        Some(tls) => b.tls(&tls),
+        None => Ok(b),
+    });
+    Ok(layer.retry_budget(shared.map_err(in_config_terms)?))
 }
 
 #[cfg(not(feature = "redis"))]
 fn shared_health(
     _: FallbackLayer,
-    _: &str,
+    _: &StoreLink,
     _: &HealthStoreConfig,
     _: Option<Cooldowns>,
 ) -> Result<FallbackLayer, ConfigError> {
@@ -243,7 +340,7 @@ fn shared_health(
 #[cfg(not(feature = "redis"))]
 fn shared_budget(
     _: FallbackLayer,
-    _: &str,
+    _: &StoreLink,
     _: &HealthStoreConfig,
     _: &BudgetConfig,
 ) -> Result<FallbackLayer, ConfigError> {
@@ -325,6 +422,18 @@ pub struct HealthStoreConfig {
     /// The environment variable that holds the Redis URL.
     #[serde(default)]
     pub redis_url_env: Option<String>,
+    /// With a `rediss://` URL: a PEM file of the CA certificates that signed the server's
+    /// certificate, trusted instead of the webpki roots (default: the webpki roots, which managed
+    /// Redis services' certificates chain to). Needs the `redis-tls` feature.
+    #[serde(default)]
+    pub tls_ca_file: Option<String>,
+    /// With a `rediss://` URL: a PEM file of the client certificate chain, for a server that asks
+    /// for one (`tls-auth-clients yes`); goes with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<String>,
+    /// The PEM file of `tls_cert_file`'s private key.
+    #[serde(default)]
+    pub tls_key_file: Option<String>,
     /// The prefix of every key (default `"tower-model-fallback"`). Gateways with the same prefix
     /// share their state.
     #[serde(default = "default_store_prefix")]
@@ -763,15 +872,15 @@ impl FallbackConfig {
         let store = match &self.health_store {
             Some(store) => Some((
                 store
-                    .url(env, self.allow_inline_keys)
+                    .link(env, self.allow_inline_keys)
                     .map_err(|e| e.within("health_store"))?,
                 store,
             )),
             None => None,
         };
         match (&store, cooldowns) {
-            (Some((url, config)), cooldowns) => {
-                layer = shared_health(layer, url, config, cooldowns)?;
+            (Some((link, config)), cooldowns) => {
+                layer = shared_health(layer, link, config, cooldowns)?;
             }
             (None, Some(cooldowns)) => layer = layer.cooldowns(cooldowns),
             (None, None) => {}
@@ -779,7 +888,7 @@ impl FallbackConfig {
         if let Some(b) = &self.retry_budget {
             b.validate()?;
             layer = match &store {
-                Some((url, config)) => shared_budget(layer, url, config, b)?,
+                Some((link, config)) => shared_budget(layer, link, config, b)?,
                 None => layer.retry_budget(TpsBudget::new(ms(b.ttl_ms), b.min_per_sec, b.percent)),
             };
         }
@@ -1090,6 +1199,13 @@ mod tests {
             cases.push((
                 r#""health_store": {"redis_url": "redis://127.0.0.1/"}"#,
                 "health_store: needs tower-model-fallback built with its `redis` feature",
+            ));
+        }
+        if cfg!(not(feature = "redis-tls")) {
+            cases.push((
+                r#""health_store": {"redis_url": "rediss://127.0.0.1/", "tls_ca_file": "ca.crt"}"#,
+                "health_store.tls_ca_file: TLS to Redis needs tower-model-fallback built with its \
+                 `redis-tls` feature",
             ));
         }
         for (extra, expected) in cases {

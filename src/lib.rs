@@ -182,6 +182,8 @@ pub use report::{Attempt, AttemptOutcome, FallbackReport, Skip, SkipReason, Stop
 pub use request::ReplayBody;
 #[cfg(feature = "reqwest")]
 pub use reqwest_service::{ReqwestFuture, ReqwestService};
+#[cfg(feature = "redis-tls")]
+pub use resilience::RedisTls;
 pub use resilience::{
     Admission, Bucket, Cooldowns, FallbackCount, HealthOutcome, HealthStore, Hedge,
     HistogramSnapshot, LatencyHistogram, Retries, Stats, StatsSnapshot, TargetId, TargetStats,

@@ -12,6 +12,8 @@ pub(crate) mod stats;
 
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "redis-tls")]
+pub use self::redis::RedisTls;
 #[cfg(feature = "redis")]
 pub use self::redis::{RedisBudget, RedisHealth};
 pub use health::{Admission, Cooldowns, HealthOutcome, HealthStore, TargetId};

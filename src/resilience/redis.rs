@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, Script};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tower::retry::budget::{Budget, TpsBudget};
@@ -126,8 +126,25 @@ struct Link {
 
 impl Link {
     fn new(url: &str, prefix: &str) -> Result<Self, ConfigError> {
+        let tls = url
+            .get(..9)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"));
+        if tls && cfg!(not(feature = "redis-tls")) {
+            return Err(ConfigError::new(
+                "redis_url",
+                "is rediss:// (TLS), which needs tower-model-fallback built with its `redis-tls` \
+                 feature",
+            ));
+        }
         let client = Client::open(url)
             .map_err(|e| ConfigError::new("redis_url", format!("is not a Redis URL ({e})")))?;
+        if let ConnectionAddr::TcpTls { insecure: true, .. } = client.get_connection_info().addr() {
+            return Err(ConfigError::new(
+                "redis_url",
+                "asks for TLS without certificate checks (#insecure), which is not supported; \
+                 trust the server's CA instead (RedisTls::root_ca_pem, tls_ca_file in a config)",
+            ));
+        }
         if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ConfigError::new(
                 "prefix",
@@ -141,6 +158,51 @@ impl Link {
             refresh: DEFAULT_REFRESH,
             addr,
         })
+    }
+
+    /// Builds the client again with `tls`'s roots and client identity.
+    #[cfg(feature = "redis-tls")]
+    fn tls(&mut self, tls: &RedisTls) -> Result<(), ConfigError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::CertificateDer;
+
+        let info = self.client.get_connection_info();
+        if !matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+            return Err(ConfigError::new(
+                "redis_url",
+                "is not rediss://: TLS settings need a rediss:// URL",
+            ));
+        }
+        // A PEM file with no certificate in it parses as an empty list: say so now rather than
+        // fail every handshake later.
+        let holds_certificates = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).next().is_some();
+        if let Some(ca) = &tls.root_ca {
+            if !holds_certificates(ca) {
+                return Err(ConfigError::new("root_ca_pem", "holds no PEM certificate"));
+            }
+        }
+        if let Some((chain, _)) = &tls.identity {
+            if !holds_certificates(chain) {
+                return Err(ConfigError::new(
+                    "client_identity_pem",
+                    "holds no PEM certificate",
+                ));
+            }
+        }
+        let certificates = redis::TlsCertificates {
+            client_tls: tls
+                .identity
+                .as_ref()
+                .map(|(chain, key)| redis::ClientTlsConfig {
+                    client_cert: chain.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: tls.root_ca.clone(),
+        };
+        // Redis's messages name the PEM that failed to parse, never the URL or a key.
+        self.client = Client::build_with_tls(info.clone(), certificates)
+            .map_err(|e| ConfigError::new("tls", format!("is not usable ({e})")))?;
+        Ok(())
     }
 
     fn refresh(&mut self, every: Duration) -> Result<(), ConfigError> {
@@ -168,7 +230,9 @@ struct Connection {
     link: Link,
     what: &'static str,
     conn: Option<MultiplexedConnection>,
-    down: bool,
+    /// What was logged last: `Some(true)` up, `Some(false)` down, `None` nothing yet (the
+    /// first outcome is logged either way: a store that never connects says so).
+    up: Option<bool>,
 }
 
 impl Connection {
@@ -177,8 +241,7 @@ impl Connection {
             link,
             what,
             conn: None,
-            // Log the first connection too.
-            down: true,
+            up: None,
         }
     }
 
@@ -186,6 +249,8 @@ impl Connection {
     /// when the connection was (re)opened now.
     async fn get(&mut self, fresh: &mut bool) -> Option<&mut MultiplexedConnection> {
         if self.conn.is_none() {
+            #[cfg(feature = "redis-tls")]
+            install_crypto_provider();
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(REDIS_TIMEOUT))
                 .set_response_timeout(Some(REDIS_TIMEOUT));
@@ -203,7 +268,7 @@ impl Connection {
                         self.what
                     );
                     self.conn = Some(conn);
-                    self.down = false;
+                    self.up = Some(true);
                     *fresh = true;
                 }
                 Err(e) => {
@@ -217,8 +282,8 @@ impl Connection {
 
     fn failed(&mut self, e: &redis::RedisError) {
         self.conn = None;
-        if !self.down {
-            self.down = true;
+        if self.up != Some(false) {
+            self.up = Some(false);
             tracing::warn!(
                 redis = %self.link.addr,
                 error = %e,
@@ -226,6 +291,84 @@ impl Connection {
                 self.what
             );
         }
+    }
+}
+
+/// rustls needs a process-wide crypto provider when more than one is compiled in (an application
+/// with reqwest's default aws-lc-rs beside this crate's ring): install ring unless the
+/// application installed its own first. Only at the first connection, so that an application
+/// that installs its provider at start-up is never pre-empted.
+#[cfg(feature = "redis-tls")]
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have won the race; then its provider serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
+/// What a `rediss://` connection trusts and shows beyond the default (cargo feature
+/// `redis-tls`): the webpki roots, which managed Redis services' certificates chain to, and no
+/// client certificate.
+///
+/// Give [`root_ca_pem`](RedisTls::root_ca_pem) for a server whose certificate a private CA
+/// signed (it then replaces the webpki roots), and
+/// [`client_identity_pem`](RedisTls::client_identity_pem) for a server that asks for client
+/// certificates (`tls-auth-clients yes`). `Debug` never shows the key.
+///
+/// ```no_run
+/// use tower_model_fallback::{RedisHealth, RedisTls};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let tls = RedisTls::new().root_ca_pem(std::fs::read("/etc/redis/ca.crt")?);
+/// let store = RedisHealth::new(&std::env::var("REDIS_URL")?, "llm-gateway")?.tls(&tls)?;
+/// # let _ = store;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// The first TLS connection installs rustls' ring provider as the process default when the
+/// application has installed none (rustls cannot choose one itself when several are compiled
+/// in); an application that wants another installs it before its first request.
+#[cfg(feature = "redis-tls")]
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    root_ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+#[cfg(feature = "redis-tls")]
+impl RedisTls {
+    /// The webpki roots and no client certificate: what a bare `rediss://` URL gets.
+    pub fn new() -> Self {
+        RedisTls::default()
+    }
+
+    /// Trust only the CA certificates in `pem` (one or more PEM blocks) instead of the webpki
+    /// roots.
+    pub fn root_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_ca = Some(pem.into());
+        self
+    }
+
+    /// Show the server this certificate chain (PEM, leaf first) and private key (PEM: PKCS#8,
+    /// PKCS#1 or SEC1) when it asks for one.
+    pub fn client_identity_pem(
+        mut self,
+        cert_chain: impl Into<Vec<u8>>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity = Some((cert_chain.into(), key.into()));
+        self
+    }
+}
+
+#[cfg(feature = "redis-tls")]
+impl fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("root_ca", &self.root_ca.as_ref().map(|_| "<PEM>"))
+            .field("client_identity", &self.identity.as_ref().map(|_| "<PEM>"))
+            .finish()
     }
 }
 
@@ -395,6 +538,15 @@ impl RedisHealth {
             probe_lock: DEFAULT_PROBE_LOCK,
             core: None,
         })
+    }
+
+    /// TLS settings for a `rediss://` URL: a private CA, a client certificate (cargo feature
+    /// `redis-tls`). A bare `rediss://` URL needs none: it trusts the webpki roots. An error for
+    /// a `redis://` URL or a PEM that holds no certificate.
+    #[cfg(feature = "redis-tls")]
+    pub fn tls(mut self, tls: &RedisTls) -> Result<Self, ConfigError> {
+        self.link.tls(tls)?;
+        Ok(self)
     }
 
     /// The failure threshold, window and cooldowns (default [`Cooldowns::new`]); they apply to
@@ -916,9 +1068,23 @@ impl RedisBudget {
 
     /// How often the totals are exchanged with Redis (default 200 ms).
     pub fn refresh(self, every: Duration) -> Result<Self, ConfigError> {
+        self.with_link(|link| link.refresh(every))
+    }
+
+    /// TLS settings for a `rediss://` URL, as [`RedisHealth::tls`] (cargo feature `redis-tls`).
+    #[cfg(feature = "redis-tls")]
+    pub fn tls(self, tls: &RedisTls) -> Result<Self, ConfigError> {
+        self.with_link(|link| link.tls(tls))
+    }
+
+    /// Changes the link before the task has started (after it, the change has no effect).
+    fn with_link(
+        self,
+        change: impl FnOnce(&mut Link) -> Result<(), ConfigError>,
+    ) -> Result<Self, ConfigError> {
         let mut slot = self.core.task.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(task) = slot.as_mut() {
-            task.link.refresh(every)?;
+            change(&mut task.link)?;
         }
         drop(slot);
         Ok(self)
