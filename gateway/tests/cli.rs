@@ -372,3 +372,92 @@ fn the_sample_config_passes_check_config() {
         "{stdout}"
     );
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_under_load_drops_no_request() {
+    const CLIENTS: usize = 6;
+    const PER_CLIENT: usize = 80;
+    const RELOADS: usize = 20;
+    const OK: &[u8] =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let a = support::RawUpstream::start(OK, false).await;
+    let b = support::RawUpstream::start(OK, false).await;
+    let listen = free_addr();
+    let file = |first: (&str, String), second: (&str, String)| {
+        format!(
+            r#"{{"listen": "{listen}", "targets": [{{"name": "{}", "base_url": "{}"}},
+                {{"name": "{}", "base_url": "{}"}}]}}"#,
+            first.0, first.1, second.0, second.1
+        )
+    };
+    let a_first = file(("a", a.url()), ("b", b.url()));
+    let b_first = file(("b", b.url()), ("a", a.url()));
+    let path = config_file("sighup-load", &a_first);
+    let log_path =
+        std::env::temp_dir().join(format!("tmf-cli-sighup-load-{}.log", std::process::id()));
+    let child = Command::new(BIN)
+        .args(["--config", &path])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+        .spawn()
+        .unwrap();
+    let child = Killed(child);
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the gateway listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("http://{listen}/v1/chat/completions");
+    let load: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut statuses = Vec::with_capacity(PER_CLIENT);
+                for _ in 0..PER_CLIENT {
+                    statuses.push(support::post(&url, &[], support::CHAT).await.0.as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    // Each new file is written beside the config and renamed over it, as a deploy tool does.
+    let staged = format!("{path}.next");
+    for i in 0..RELOADS {
+        let next = if i % 2 == 0 { &b_first } else { &a_first };
+        std::fs::write(&staged, next).unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        let kill = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut statuses = Vec::new();
+    for task in load {
+        statuses.extend(task.await.unwrap());
+    }
+    let failures = statuses.iter().filter(|s| **s != 200).count();
+    let log = logged(&log_path, "config reloaded", RELOADS).await;
+    println!(
+        "SIGHUP under load: {} requests from {CLIENTS} clients, {} reloads logged, {failures} failures; served by a {}, b {}",
+        statuses.len(),
+        log.matches("config reloaded").count(),
+        a.count(),
+        b.count()
+    );
+    assert_eq!((statuses.len(), failures), (CLIENTS * PER_CLIENT, 0));
+    assert_eq!(a.count() + b.count(), CLIENTS * PER_CLIENT);
+    assert!(
+        a.count() > 0 && b.count() > 0,
+        "the load ran across the reloads"
+    );
+    assert!(!log.contains("config reload refused"), "{log}");
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(log_path);
+}
