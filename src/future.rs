@@ -116,6 +116,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Data: From<bytes::Bytes>,
     R::Error: Into<BoxError>,
 {
     type Output = Output<R>;
@@ -155,6 +156,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Data: From<bytes::Bytes>,
     R::Error: Into<BoxError>,
 {
     /// Reads the caller's body to its end, then starts the engine.

@@ -71,6 +71,7 @@ where
     B: Body,
     B::Error: Into<BoxError>,
     R: Body + Unpin,
+    R::Data: From<bytes::Bytes>,
     R::Error: Into<BoxError>,
 {
     type Response = Response<ResponseBody<R>>;

@@ -525,3 +525,89 @@ async fn a_caller_who_drops_a_committed_stream_closes_the_upstream_at_once() {
     );
     assert_eq!(fallback.count(), 0);
 }
+
+/// A read buffer that says when it is freed.
+struct ReadBuffer(Vec<u8>, Arc<AtomicUsize>);
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_held_preamble_is_kept_as_a_copy_and_frees_the_read_buffer_it_arrived_in() {
+    // As hyper hands frames over: each a slice of a larger read buffer. Holding such a slice
+    // for a preamble of a few hundred bytes would keep the whole buffer alive while the model
+    // thinks; the layer keeps a copy and lets the buffer go.
+    let opening = events(&fixture("anthropic_messages.sse"))[..3].concat();
+    let freed = Arc::new(AtomicUsize::new(0));
+    let (response_tx, response_rx) = tokio::sync::mpsc::channel(16);
+    let sent = Arc::new(tokio::sync::Notify::new());
+    let (body, sent_too) = (
+        Arc::new(std::sync::Mutex::new(Some(response_rx))),
+        sent.clone(),
+    );
+    let mut buffer = vec![0u8; 16 * 1024];
+    buffer[..opening.len()].copy_from_slice(opening.as_bytes());
+    let slice = Bytes::from_owner(ReadBuffer(buffer, freed.clone())).slice(..opening.len());
+    response_tx.send(Ok(slice)).await.unwrap();
+    let inner = tower::service_fn(move |_: Request<ReplayBody>| {
+        let (body, sent) = (body.clone(), sent_too.clone());
+        async move {
+            let rx = body.lock().unwrap().take().expect("one call");
+            sent.notify_one();
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(ChannelBody(rx))
+                    .unwrap(),
+            )
+        }
+    });
+    let layer =
+        FallbackLayer::new([tower_model_fallback::Target::new("http://only.test/v1").unwrap()])
+            .unwrap();
+    let call =
+        tokio::spawn(tower::Layer::layer(&layer, inner).oneshot(chat_request(STREAM_REQUEST)));
+    tokio::time::timeout(Duration::from_secs(5), sent.notified())
+        .await
+        .expect("the upstream was called");
+    // The frame is read and held (no content yet): its buffer is freed, bounded wait.
+    for _ in 0..500 {
+        if freed.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(!call.is_finished(), "the preamble is held");
+    assert_eq!(
+        freed.load(Ordering::SeqCst),
+        1,
+        "the read buffer was let go"
+    );
+    // Content commits; the caller gets the preamble, whole, then the content.
+    let stream = fixture("anthropic_messages.sse");
+    let content = events(&stream)[3];
+    response_tx
+        .send(Ok(Bytes::from(content.to_string())))
+        .await
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("committed")
+        .unwrap()
+        .unwrap();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while got.len() < opening.len() + content.len() {
+        got.extend_from_slice(&next_data(&mut body).await);
+    }
+    assert_eq!(got, [opening.as_bytes(), content.as_bytes()].concat());
+}

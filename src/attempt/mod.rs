@@ -59,6 +59,7 @@ where
     F: Future<Output = Result<Response<R>, E>>,
     E: Into<BoxError>,
     R: Body + Unpin,
+    R::Data: From<bytes::Bytes>,
     R::Error: Into<BoxError>,
 {
     /// An attempt whose call returned `future`; `id` is the engine's name for it.

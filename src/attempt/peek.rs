@@ -5,9 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Buf;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{response, Response};
-use http_body::Body;
+use http_body::{Body, Frame};
 
 use crate::error::BoxError;
 use crate::report::BodyCells;
@@ -183,6 +183,7 @@ impl<R: Body> Peek<R> {
 impl<R> Peek<R>
 where
     R: Body + Unpin,
+    R::Data: From<Bytes>,
     R::Error: Into<BoxError>,
 {
     /// Reads until enough is there to decide or the body fails or ends.
@@ -201,16 +202,24 @@ where
                 });
             }
             match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                    Some(data) if !data.has_remaining() => {}
-                    Some(data) => {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if !data.has_remaining() => {}
+                    Ok(data) => {
                         self.read += data.remaining();
-                        if self.event_stream && matches!(self.found, Found::Preamble { .. }) {
-                            self.tail.extend_from_slice(data.chunk());
-                        }
-                        self.frames.push_back(frame);
+                        let data =
+                            if self.event_stream && matches!(self.found, Found::Preamble { .. }) {
+                                // A preamble may be held for long (a model that thinks before its
+                                // first token): held as a copy of its few bytes, it does not pin
+                                // the read buffer the frame is a slice of (hyper's: 8 KiB and up).
+                                let held = copied(data);
+                                self.tail.extend_from_slice(&held);
+                                R::Data::from(held)
+                            } else {
+                                data
+                            };
+                        self.frames.push_back(Frame::data(data));
                     }
-                    None => self.frames.push_back(frame),
+                    Err(frame) => self.frames.push_back(frame),
                 },
                 Poll::Ready(Some(Err(e))) => self.error = Some(e.into()),
                 Poll::Ready(None) => self.ended = true,
@@ -218,4 +227,11 @@ where
             }
         }
     }
+}
+
+/// The bytes of `data` in an allocation of their own.
+fn copied(data: impl Buf) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.remaining());
+    out.put(data);
+    out.freeze()
 }

@@ -146,7 +146,7 @@ impl RawUpstream {
 }
 
 /// Reads one HTTP/1.1 request (head, then a `content-length` body) from `tcp`.
-async fn read_request(tcp: &mut TcpStream) -> Option<String> {
+pub async fn read_request(tcp: &mut TcpStream) -> Option<String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
