@@ -1,6 +1,7 @@
 //! The gateway's config file: where to listen, who may call, the client-side timeouts, and a
 //! [`FallbackConfig`] for everything about targets.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -32,9 +33,150 @@ pub struct GatewayConfig {
     /// How log lines are written: `"json"` (one object a line) or `"text"`; unset, text when
     /// stderr is a terminal and JSON otherwise.
     pub log_format: Option<LogFormat>,
+    /// Where traces go over OTLP/HTTP, when set (`otel`; needs the `otel` feature). Read at
+    /// start only: a reload that changes it waits for a restart.
+    pub otel: Option<OtelConfig>,
     /// Targets, limits, policy. Cooldowns are on unless the file says `"cooldown": "off"`.
     pub fallback: FallbackConfig,
 }
+
+/// The `otel` section: an OTLP/HTTP (protobuf) collector for the gateway's traces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtelConfig {
+    /// Where spans are POSTed: the `endpoint` URL, with `/v1/traces` when it has no path.
+    pub endpoint: http::Uri,
+    /// The `service.name` resource attribute (default `fallback-gateway`).
+    pub service_name: String,
+    /// Headers for the collector, each with the environment variable that holds its value
+    /// (`headers_env`, e.g. an API key).
+    pub headers_env: BTreeMap<String, String>,
+    /// How long one export may take (`timeout_ms`, default 10 s).
+    pub timeout: Duration,
+}
+
+impl OtelConfig {
+    /// The collector's headers, their values from `env`, marked sensitive. A variable that is
+    /// not set is an error naming it.
+    pub fn headers(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ConfigError> {
+        self.headers_env
+            .iter()
+            .map(|(name, var)| {
+                let field = || format!("otel.headers_env.{name}");
+                // Names were checked when the file was parsed.
+                let header = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| ConfigError::new(field(), "is not a valid header name"))?;
+                let value = env(var).ok_or_else(|| {
+                    ConfigError::new(field(), format!("environment variable {var} is not set"))
+                })?;
+                let mut value = http::HeaderValue::from_str(&value).map_err(|_| {
+                    ConfigError::new(
+                        field(),
+                        format!("environment variable {var} is not a valid header value"),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Ok((header, value))
+            })
+            .collect()
+    }
+
+    /// Parses the section; errors name the field (`otel.endpoint`, …).
+    fn from_value(value: Value) -> Result<OtelConfig, ConfigError> {
+        let Value::Object(mut object) = value else {
+            return Err(ConfigError::new(
+                "otel",
+                format!("expected an object, got {value}"),
+            ));
+        };
+        let within = |e: ConfigError| e.within("otel");
+        let endpoint: String = take(&mut object, "endpoint")
+            .map_err(within)?
+            .ok_or_else(|| ConfigError::new("otel.endpoint", "is required"))?;
+        let endpoint =
+            traces_endpoint(&endpoint).map_err(|e| ConfigError::new("otel.endpoint", e))?;
+        let service_name: String = take(&mut object, "service_name")
+            .map_err(within)?
+            .unwrap_or_else(|| OTEL_SERVICE_NAME.to_owned());
+        if service_name.is_empty() {
+            return Err(ConfigError::new("otel.service_name", "must not be empty"));
+        }
+        let headers_env: BTreeMap<String, String> = take(&mut object, "headers_env")
+            .map_err(within)?
+            .unwrap_or_default();
+        for (name, var) in &headers_env {
+            let field = || format!("otel.headers_env.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::new(field(), "is not a valid header name"));
+            }
+            if var.is_empty() {
+                return Err(ConfigError::new(field(), "names no environment variable"));
+            }
+        }
+        let timeout_ms: u64 = take(&mut object, "timeout_ms")
+            .map_err(within)?
+            .unwrap_or(OTEL_TIMEOUT_MS);
+        if timeout_ms == 0 {
+            return Err(ConfigError::new("otel.timeout_ms", "must be at least 1"));
+        }
+        if let Some(unknown) = object.keys().next() {
+            return Err(ConfigError::new(
+                format!("otel.{unknown}"),
+                format!(
+                    "unknown field `{unknown}`, expected one of `endpoint`, `service_name`, \
+                     `headers_env`, `timeout_ms`"
+                ),
+            ));
+        }
+        Ok(OtelConfig {
+            endpoint,
+            service_name,
+            headers_env,
+            timeout: Duration::from_millis(timeout_ms),
+        })
+    }
+}
+
+/// `endpoint` as the URL spans are POSTed to: `http` or `https`, a host, no credentials (they
+/// belong in `headers_env`, never in a URL a log could show), and OTLP/HTTP's `/v1/traces`
+/// when the URL has no path of its own.
+fn traces_endpoint(endpoint: &str) -> Result<http::Uri, String> {
+    if endpoint.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("is not a URL like http://127.0.0.1:4318: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("must be an http:// or https:// URL".to_owned());
+    }
+    let Some(authority) = uri.authority() else {
+        return Err("has no host".to_owned());
+    };
+    if authority.as_str().contains('@') {
+        return Err("holds credentials; give them as headers in headers_env".to_owned());
+    }
+    if authority.host().is_empty() {
+        return Err("has no host".to_owned());
+    }
+    match uri.path_and_query() {
+        Some(pq) if pq.path() != "/" => Ok(uri),
+        pq => {
+            let query = pq.and_then(|pq| pq.query()).map(|q| format!("?{q}"));
+            let mut parts = uri.into_parts();
+            let path = format!("{OTEL_TRACES_PATH}{}", query.unwrap_or_default());
+            parts.path_and_query = Some(path.parse().map_err(|e| format!("{e}"))?);
+            http::Uri::from_parts(parts).map_err(|e| format!("{e}"))
+        }
+    }
+}
+
+/// OTLP/HTTP's path for traces, appended to an endpoint without a path.
+const OTEL_TRACES_PATH: &str = "/v1/traces";
+const OTEL_SERVICE_NAME: &str = "fallback-gateway";
+const OTEL_TIMEOUT_MS: u64 = 10_000;
 
 /// The `log_format` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -132,6 +274,18 @@ impl GatewayConfig {
             .entry("stream_idle_timeout_ms")
             .or_insert(Value::from(STREAM_IDLE_TIMEOUT_MS));
         let log_format = take(&mut object, "log_format")?;
+        let otel = match object.remove("otel") {
+            None => None,
+            // Never ignored: a file that asks for traces gets them or a clear refusal.
+            Some(_) if !cfg!(feature = "otel") => {
+                return Err(ConfigError::new(
+                    "otel",
+                    "this fallback-gateway was built without OpenTelemetry; build it with \
+                     `--features otel` (Docker: --build-arg FEATURES=otel) or remove the section",
+                ))
+            }
+            Some(value) => Some(OtelConfig::from_value(value)?),
+        };
         // Cooldowns protect upstreams: on unless turned off, with the library's settings form.
         match object.get("cooldown") {
             None => {
@@ -158,6 +312,7 @@ impl GatewayConfig {
             shutdown_timeout,
             upstream_h2c,
             log_format,
+            otel,
             // Deserialized from the parsed value: errors name the field, not a position in a
             // re-encoded document.
             fallback: FallbackConfig::from_value(Value::Object(object))?,
@@ -282,6 +437,58 @@ mod tests {
         )
         .unwrap();
         assert_eq!(off.fallback.stream_idle_timeout_ms, None);
+    }
+
+    #[test]
+    fn the_otel_endpoint_gets_the_traces_path_when_it_has_none() {
+        for (given, used) in [
+            ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
+            ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),
+            (
+                "https://otel.example?tenant=a",
+                "https://otel.example/v1/traces?tenant=a",
+            ),
+            (
+                "https://otel.example/custom/traces",
+                "https://otel.example/custom/traces",
+            ),
+        ] {
+            assert_eq!(traces_endpoint(given).unwrap().to_string(), used);
+        }
+        for (given, problem) in [
+            ("", "must not be empty"),
+            ("127.0.0.1:4318", "must be an http:// or https:// URL"),
+            ("/v1/traces", "must be an http:// or https:// URL"),
+            (
+                "http://u:secret@otel.example",
+                "holds credentials; give them as headers in headers_env",
+            ),
+        ] {
+            assert_eq!(traces_endpoint(given).unwrap_err(), problem, "{given}");
+        }
+    }
+
+    #[cfg(feature = "otel")]
+    #[test]
+    fn the_otel_section_has_defaults_and_reads_its_headers_from_the_environment() {
+        let json = r#"{"targets": [{"base_url": "http://127.0.0.1:9/v1"}],
+            "otel": {"endpoint": "http://127.0.0.1:4318", "headers_env": {"x-api-key": "K"}}}"#;
+        let otel = GatewayConfig::from_json(json.as_bytes())
+            .unwrap()
+            .otel
+            .unwrap();
+        assert_eq!(otel.service_name, "fallback-gateway");
+        assert_eq!(otel.timeout, Duration::from_secs(10));
+        let headers = otel
+            .headers(|v| (v == "K").then(|| "v".to_owned()))
+            .unwrap();
+        assert_eq!(headers.len(), 1);
+        assert!(headers[0].1.is_sensitive());
+        let err = otel.headers(|_| None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "otel.headers_env.x-api-key: environment variable K is not set"
+        );
     }
 
     #[test]

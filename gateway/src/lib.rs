@@ -7,7 +7,8 @@
 //!
 //! The parts, each a module: [`config`] (the file), [`auth`] (client keys), [`proxy`] (one
 //! request: routing, checks, decompression, the fallback stack, the response head),
-//! [`upstream`] (the attempt service), [`serve`] (connections, timeouts, shutdown) and [`demo`].
+//! [`upstream`] (the attempt service), [`serve`] (connections, timeouts, shutdown), [`demo`],
+//! and with the `otel` feature, `otel` (traces over OTLP/HTTP).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,6 +27,8 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod proxy;
 pub mod serve;
 pub mod upstream;

@@ -3,7 +3,11 @@
 use std::process::ExitCode;
 
 use tower_model_fallback_gateway::config::LogFormat;
+use tower_model_fallback_gateway::proxy::SERVER_SPAN_TARGET;
 use tower_model_fallback_gateway::{demo, serve, Gateway, GatewayConfig};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{Layer, Registry};
 
 const USAGE: &str = "\
 fallback-gateway: an OpenAI-compatible gateway with model fallback
@@ -44,8 +48,12 @@ fn main() -> ExitCode {
             Ok(rt) => rt.block_on(async {
                 match load(path) {
                     Ok((config, gateway)) => {
+                        let traces = match &config.otel {
+                            Some(otel) => format!(", traces to {}", otel.endpoint),
+                            None => String::new(),
+                        };
                         println!(
-                            "{path}: ok; listen {}, targets {}, {} clients",
+                            "{path}: ok; listen {}, targets {}, {} clients{traces}",
                             config.listen,
                             gateway.targets().join(" -> "),
                             config.clients.len()
@@ -61,9 +69,16 @@ fn main() -> ExitCode {
             Ok(rt) => rt.block_on(async {
                 match load(path) {
                     Ok((config, gateway)) => {
-                        init_logs(config.log_format);
+                        let (telemetry, otel) = match telemetry::start(&config) {
+                            Ok(started) => started,
+                            Err(e) => return fail(e),
+                        };
+                        init_logs(config.log_format, otel);
                         reload_on_hangup(path.to_string(), gateway.clone());
-                        run(config, gateway, false).await
+                        let code = run(config, gateway, false).await;
+                        // The spans of the last requests go out before the process ends.
+                        telemetry::stop(telemetry).await;
+                        code
                     }
                     Err(e) => fail(e),
                 }
@@ -71,7 +86,7 @@ fn main() -> ExitCode {
             Err(e) => fail(format!("runtime: {e}")),
         },
         [] => {
-            init_logs(Some(LogFormat::Text));
+            init_logs(Some(LogFormat::Text), None);
             match runtime() {
                 Ok(rt) => rt.block_on(async {
                     let config = match demo::config().await {
@@ -99,25 +114,84 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn init_logs(format: Option<LogFormat>) {
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_model_fallback=warn".into()),
-        )
-        .with_writer(std::io::stderr);
-    match LogFormat::or_by_terminal(format) {
+/// A layer of the process's subscriber.
+type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The log lines on stderr (`RUST_LOG`, or `info` and the layer's warnings), and beside them
+/// `otel`, with a filter of its own (see `otel::filter`).
+fn init_logs(format: Option<LogFormat>, otel: Option<BoxedLayer>) {
+    use tracing_subscriber::filter::{filter_fn, FilterExt};
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,tower_model_fallback=warn".into())
+        // The server spans are for OpenTelemetry: a log line has no span around it.
+        .and(filter_fn(|meta| meta.target() != SERVER_SPAN_TARGET));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match LogFormat::or_by_terminal(format) {
         // One flat object a line: the event's fields beside `timestamp`, `level`, `target`.
         LogFormat::Json => logs
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(false)
-            .init(),
+            .with_filter(filter)
+            .boxed(),
         LogFormat::Text => logs
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .with_filter(filter)
+            .boxed(),
+    };
+    let layers: Vec<BoxedLayer> = std::iter::once(logs).chain(otel).collect();
+    tracing_subscriber::registry().with(layers).init();
+}
+
+/// The `otel` section at work: traces exported while the gateway serves, the last ones when
+/// it stops.
+mod telemetry {
+    use tower_model_fallback_gateway::GatewayConfig;
+
+    use super::BoxedLayer;
+
+    /// The running export, if any.
+    #[cfg(feature = "otel")]
+    pub type Running = Option<tower_model_fallback_gateway::otel::Telemetry>;
+    #[cfg(not(feature = "otel"))]
+    pub type Running = ();
+
+    /// Starts the export `config` asks for (in a runtime: it sends on this one), and the layer
+    /// that feeds it.
+    pub fn start(config: &GatewayConfig) -> Result<(Running, Option<BoxedLayer>), String> {
+        #[cfg(feature = "otel")]
+        if let Some(otel) = &config.otel {
+            use tracing_subscriber::Layer;
+            let headers = otel
+                .headers(|var| std::env::var(var).ok())
+                .map_err(|e| e.to_string())?;
+            let runtime = tokio::runtime::Handle::current();
+            let (telemetry, layer) =
+                tower_model_fallback_gateway::otel::Telemetry::start(otel, headers, runtime)?;
+            return Ok((Some(telemetry), Some(layer.boxed())));
+        }
+        // Without the feature, a config with `otel` was refused when it was parsed.
+        let _ = config;
+        Ok((Running::default(), None))
     }
+
+    /// Exports the spans still queued, on a blocking thread while this runtime sends them.
+    #[cfg(feature = "otel")]
+    pub async fn stop(running: Running) {
+        let Some(telemetry) = running else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || telemetry.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(target: "gateway", "{e}"),
+            Err(e) => tracing::warn!(target: "gateway", "otel: shutdown failed: {e}"),
+        }
+    }
+
+    /// Nothing to export without the feature.
+    #[cfg(not(feature = "otel"))]
+    pub async fn stop(_: Running) {}
 }
 
 /// Reloads the config at `path` on every SIGHUP: validated first (file, fields, keys); an
@@ -168,6 +242,11 @@ fn load(path: &str) -> Result<(GatewayConfig, Gateway), String> {
     let config = GatewayConfig::from_file(path).map_err(|e| e.to_string())?;
     let gateway =
         Gateway::new(&config, |var| std::env::var(var).ok()).map_err(|e| e.to_string())?;
+    if let Some(otel) = &config.otel {
+        // The collector's headers are checked with the rest; `--config` reads them again.
+        otel.headers(|var| std::env::var(var).ok())
+            .map_err(|e| e.to_string())?;
+    }
     Ok((config, gateway))
 }
 

@@ -23,9 +23,10 @@ use tower_model_fallback::{
     openai, strip_hop_by_hop, ConfigError, FallbackError, FallbackLayer, FallbackReport,
     ResponseBody, Stats,
 };
+use tracing::Instrument;
 
 use crate::auth::{Caller, Clients};
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, OtelConfig};
 use crate::metrics::{self, Metrics, RequestOutcome};
 use crate::serve::InFlight;
 use crate::upstream::{stack, Stack};
@@ -57,6 +58,7 @@ struct Shared {
     client_counts: Vec<(Arc<str>, Arc<AtomicU64>)>,
     targets: Vec<String>,
     listen: std::net::SocketAddr,
+    otel: Option<OtelConfig>,
 }
 
 impl Shared {
@@ -94,6 +96,7 @@ impl Shared {
             clients,
             client_counts,
             listen: config.listen,
+            otel: config.otel.clone(),
         })
     }
 
@@ -148,9 +151,9 @@ impl Gateway {
     /// Serves `config` from now on, when it is valid: new requests use it at once, requests in
     /// flight finish on the config they started with, and targets that are the same in both
     /// (name, base URL, model, key) keep their cooldowns and counters. When it is not valid,
-    /// nothing changes and the error says why. `listen` and the client-side timeouts of
-    /// [`serve`](crate::serve::serve) are the running server's: a change there waits for a
-    /// restart (the returned warning says so).
+    /// nothing changes and the error says why. `listen`, `otel` and the client-side timeouts of
+    /// [`serve`](crate::serve::serve) are the running server's: a change to `listen` or `otel`
+    /// waits for a restart (the returned warning says so).
     pub fn reload(
         &self,
         config: &GatewayConfig,
@@ -158,12 +161,20 @@ impl Gateway {
     ) -> Result<Option<String>, ConfigError> {
         let current = self.inner.current.load_full();
         let next = Shared::new(config, &env, &self.inner.metrics, Some(&current))?;
-        let warning = (next.listen != current.listen).then(|| {
+        let listen = (next.listen != current.listen).then(|| {
             format!(
                 "listen changed ({} -> {}); it takes effect at the next restart",
                 current.listen, next.listen
             )
         });
+        // Not the values: `headers_env` only names variables, but the endpoint is the
+        // operator's to log or not.
+        let otel = (next.otel != current.otel)
+            .then(|| "otel changed; it takes effect at the next restart".to_owned());
+        let warning = match (listen, otel) {
+            (Some(listen), Some(otel)) => Some(format!("{listen}; {otel}")),
+            (listen, otel) => listen.or(otel),
+        };
         self.inner.current.store(Arc::new(next));
         Ok(warning)
     }
@@ -215,13 +226,18 @@ impl Gateway {
         }
         let response = match route(&mut request) {
             Ok(compressed) => {
+                let span = server_span(request.method(), request.uri().path(), &caller);
                 let line = Line {
                     caller,
                     method: request.method().clone(),
                     uri: request.uri().clone(),
                     started,
+                    span: span.clone(),
                 };
-                forward(&shared, request, compressed, line).await
+                // The layer's `model_fallback` span opens in here: a child of the server span.
+                forward(&shared, request, compressed, line)
+                    .instrument(span)
+                    .await
             }
             Err((status, code, message)) => {
                 let response = error(status, "invalid_request_error", code, message);
@@ -363,12 +379,39 @@ where
 /// The encodings tower-http's request decompression is built with here.
 const DECODED: [&[u8]; 4] = [b"gzip", b"br", b"deflate", b"zstd"];
 
+/// The target of the server span of each proxied request. Only an OpenTelemetry pipeline
+/// (the `otel` feature) listens to it; the log lines leave it out, so they stay one line a
+/// request with no span around it.
+pub const SERVER_SPAN_TARGET: &str = "fallback_gateway::server";
+
+/// A proxied request's server span, named `METHOD /v1/path` with OpenTelemetry's HTTP attribute
+/// names; the status and the served request's token counts are recorded when it ends
+/// ([`Line::log`]). Disabled (and nearly free) unless a subscriber wants the target.
+fn server_span(method: &Method, path: &str, caller: &Caller) -> tracing::Span {
+    let empty = tracing::field::Empty;
+    tracing::info_span!(
+        target: SERVER_SPAN_TARGET,
+        "request",
+        otel.name = %format_args!("{method} /v1{path}"),
+        otel.kind = "server",
+        otel.status_code = empty,
+        http.request.method = %method,
+        url.path = %format_args!("/v1{path}"),
+        http.response.status_code = empty,
+        fallback_gateway.client = caller.as_deref().unwrap_or("-"),
+        gen_ai.usage.input_tokens = empty,
+        gen_ai.usage.output_tokens = empty,
+    )
+}
+
 /// What the per-request log line says, besides the report.
 struct Line {
     caller: Caller,
     method: Method,
     uri: http::Uri,
     started: Instant,
+    /// The request's server span; it ends when the line is written.
+    span: tracing::Span,
 }
 
 impl Line {
@@ -398,6 +441,20 @@ impl Line {
             output_tokens = usage.map(|u| u.completion_tokens),
             "request",
         );
+        if self.span.is_disabled() {
+            return;
+        }
+        self.span
+            .record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            self.span.record("otel.status_code", "error");
+        }
+        if let Some(usage) = usage {
+            self.span
+                .record("gen_ai.usage.input_tokens", usage.prompt_tokens);
+            self.span
+                .record("gen_ai.usage.output_tokens", usage.completion_tokens);
+        }
     }
 }
 
@@ -453,6 +510,7 @@ fn proxied(response: Response<Kind>, line: Line, stats: Stats) -> Answer {
         429 | 500.. => RequestOutcome::UpstreamError,
         _ => RequestOutcome::ClientError,
     };
+    let span = line.span.clone();
     let finish = Finish {
         served: report.served_by().map(|s| s.target_index()),
         status: head.status,
@@ -465,6 +523,7 @@ fn proxied(response: Response<Kind>, line: Line, stats: Stats) -> Answer {
         kind,
         guard: None,
         finish: Some(finish),
+        span,
     };
     (Response::from_parts(head, body), outcome)
 }
@@ -545,6 +604,8 @@ pin_project_lite::pin_project! {
         // A proxied answer's first content chunk is timed, and its log line written when the
         // body is done (sent, or dropped by a client that left).
         finish: Option<Finish>,
+        // The request's server span (none for the gateway's own answers).
+        span: tracing::Span,
     }
 
     impl PinnedDrop for GatewayBody {
@@ -591,6 +652,7 @@ impl GatewayBody {
             kind: Kind::Full { data: Some(data) },
             guard: None,
             finish: None,
+            span: tracing::Span::none(),
         }
     }
 
@@ -609,6 +671,9 @@ impl Body for GatewayBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        // The layer's events while the body streams (the usage it reads) belong to the
+        // request's server span.
+        let _entered = this.span.enter();
         let polled = match this.kind.project() {
             KindProj::Proxied { body } => body.poll_frame(cx).map_err(Into::into),
             KindProj::Boxed { body } => body.poll_frame(cx),

@@ -17,7 +17,8 @@ use tower_model_fallback::{Fallback, FallbackLayer, ReplayBody};
 /// The client the gateway forwards with.
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, ReplayBody>;
 
-fn connector() -> HttpsConnector<HttpConnector> {
+/// HTTPS (ALPN, the webpki roots) or plain HTTP: the attempts', and the OTLP exporter's.
+pub(crate) fn connector() -> HttpsConnector<HttpConnector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true); // a proxy forwards small writes at once

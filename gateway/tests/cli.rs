@@ -6,25 +6,10 @@
 mod support;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fallback-gateway");
-
-fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(BIN);
-    command.args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.output().unwrap()
-}
-
-fn config_file(name: &str, json: &str) -> String {
-    let path = std::env::temp_dir().join(format!("tmf-cli-{name}-{}.json", std::process::id()));
-    std::fs::write(&path, json).unwrap();
-    path.to_string_lossy().into_owned()
-}
+use support::process::{config_file, free_addr, logged, run, Killed, BIN};
 
 #[test]
 fn help_and_version_print_to_stdout_and_exit_0() {
@@ -102,20 +87,27 @@ fn check_config_exits_0_for_a_valid_file_and_2_naming_the_field_otherwise() {
     let _ = std::fs::remove_file(valid);
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// Built without the `otel` feature, a file that asks for traces is refused, not served
+/// without them (`tests/otel.rs` has the feature's own tests).
+#[cfg(not(feature = "otel"))]
+#[test]
+fn an_otel_section_needs_the_otel_feature() {
+    let path = config_file(
+        "otel-off",
+        r#"{"targets": [{"base_url": "http://127.0.0.1:9/v1"}],
+            "otel": {"endpoint": "http://127.0.0.1:4318"}}"#,
+    );
+    for flag in ["--check-config", "--config"] {
+        let out = run(&[flag, &path], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("otel: this fallback-gateway was built without OpenTelemetry")
+                && stderr.contains("--features otel"),
+            "{flag}: {stderr}"
+        );
     }
-}
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    let _ = std::fs::remove_file(path);
 }
 
 #[cfg(unix)]
@@ -261,18 +253,6 @@ async fn served_by(listen: SocketAddr) -> String {
         .unwrap_or("-")
         .trim()
         .to_owned()
-}
-
-/// Waits (bounded) until the log file holds `needle` `times` times.
-async fn logged(path: &std::path::Path, needle: &str, times: usize) -> String {
-    for _ in 0..500 {
-        let log = std::fs::read_to_string(path).unwrap_or_default();
-        if log.matches(needle).count() >= times {
-            return log;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{needle:?} was not logged {times} times");
 }
 
 #[cfg(unix)]

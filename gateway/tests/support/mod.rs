@@ -13,6 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower_model_fallback_gateway::{serve, Gateway, GatewayConfig};
 
+pub mod process;
+
 pub const CHAT: &str = r#"{"model":"caller-model","messages":[{"role":"user","content":"Hi"}]}"#;
 
 /// The gateway on 127.0.0.1, in-process; dropping `stop` (or sending on it) shuts it down.

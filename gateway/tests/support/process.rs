@@ -1,0 +1,55 @@
+//! The `fallback-gateway` binary as a process: run to completion, or spawned and killed when
+//! the test ends; its config in a temporary file; its log file waited on, bounded.
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_fallback-gateway");
+
+/// Runs the binary with `args` and `env` (and no `RUST_LOG`) to its end.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().unwrap()
+}
+
+/// Writes `json` to a temporary file named for `name` and this process; its path.
+pub fn config_file(name: &str, json: &str) -> String {
+    let path = std::env::temp_dir().join(format!("tmf-cli-{name}-{}.json", std::process::id()));
+    std::fs::write(&path, json).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// A spawned gateway, killed (if still running) and reaped when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An address on 127.0.0.1 that nothing listens on (now).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits (bounded) until the log file holds `needle` `times` times.
+pub async fn logged(path: &std::path::Path, needle: &str, times: usize) -> String {
+    for _ in 0..500 {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        if log.matches(needle).count() >= times {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{needle:?} was not logged {times} times");
+}
