@@ -49,7 +49,13 @@ fn main() -> ExitCode {
                 match load(path) {
                     Ok((config, gateway)) => {
                         let traces = match &config.otel {
-                            Some(otel) => format!(", traces to {}", otel.endpoint),
+                            // Not the query: it could hold a token.
+                            Some(otel) => format!(
+                                ", traces to {}://{}{}",
+                                otel.endpoint.scheme_str().unwrap_or("http"),
+                                otel.endpoint.authority().map_or("", |a| a.as_str()),
+                                otel.endpoint.path()
+                            ),
                             None => String::new(),
                         };
                         println!(

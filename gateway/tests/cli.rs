@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::process::{config_file, free_addr, logged, run, Killed, BIN};
+use support::process::{config_file, free_addr, listening, logged, run, serve, Killed, BIN};
 
 #[test]
 fn help_and_version_print_to_stdout_and_exit_0() {
@@ -206,14 +206,7 @@ async fn with_no_arguments_it_runs_the_demo_on_8080_and_falls_back() {
         .spawn()
         .unwrap();
     let mut child = Killed(child);
-    let started = Instant::now();
-    while TcpStream::connect(demo).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the demo listens"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listening(demo).await;
     let url = format!("http://{demo}/v1/chat/completions");
     let mut served_by = Vec::new();
     for _ in 0..2 {
@@ -225,21 +218,7 @@ async fn with_no_arguments_it_runs_the_demo_on_8080_and_falls_back() {
     }
     // The flaky primary answers 503 to every other request: the first falls back.
     assert_eq!(served_by, ["steady", "flaky"]);
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the demo exits"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = child.terminate(Duration::from_secs(20)).await;
     assert!(status.success());
 }
 
@@ -271,15 +250,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_serving_through_an_invalid_one(
     };
     let path = config_file("sighup", &file("a", a.url()));
     let log_path = std::env::temp_dir().join(format!("tmf-cli-sighup-{}.log", std::process::id()));
-    let log = std::fs::File::create(&log_path).unwrap();
-    let child = Command::new(BIN)
-        .args(["--config", &path])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
+    let child = serve(&path, &log_path, &[]);
     let hangup = || {
         let kill = Command::new("kill")
             .args(["-HUP", &child.0.id().to_string()])
@@ -287,14 +258,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_serving_through_an_invalid_one(
             .unwrap();
         assert!(kill.success());
     };
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the gateway listens"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    listening(listen).await;
     assert_eq!(served_by(listen).await, "a");
     // Not JSON: refused, logged, and the running config goes on.
     std::fs::write(&path, r#"{"targets": ["#).unwrap();
@@ -376,22 +340,8 @@ async fn sighup_under_load_drops_no_request() {
     let path = config_file("sighup-load", &a_first);
     let log_path =
         std::env::temp_dir().join(format!("tmf-cli-sighup-load-{}.log", std::process::id()));
-    let child = Command::new(BIN)
-        .args(["--config", &path])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the gateway listens"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let child = serve(&path, &log_path, &[]);
+    listening(listen).await;
     let url = format!("http://{listen}/v1/chat/completions");
     let load: Vec<_> = (0..CLIENTS)
         .map(|_| {

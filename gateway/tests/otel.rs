@@ -7,9 +7,8 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -18,7 +17,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::span::{Event, SpanKind};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use support::process::{config_file, free_addr, run, Killed, BIN};
+use support::process::{config_file, free_addr, listening, run, serve, Killed};
 use support::*;
 
 const PRIMARY_KEY: &str = "sk-primary-target-secret";
@@ -67,50 +66,61 @@ async fn receiver() -> (SocketAddr, Exports) {
     (addr, exports)
 }
 
-/// The gateway's config: a primary that answers 503 and a fallback that answers 200 with
-/// usage, each with its own key; the client `web`; text logs; `otel` as given.
-fn gateway_config(
+/// The real binary over a primary that answers 503 and a fallback that answers 200 with usage,
+/// each with its own key; the client `web`; text logs to a file; `otel` as given.
+struct Running {
+    child: Killed,
     listen: SocketAddr,
-    primary: &RawUpstream,
-    fallback: &RawUpstream,
-    otel: serde_json::Value,
-) -> String {
-    let mut config = with_client(config(&[
-        ("primary", primary.url()),
-        ("fallback", fallback.url()),
-    ]));
-    config["targets"][0]["api_key_env"] = "OTEL_TEST_PRIMARY_KEY".into();
-    config["targets"][1]["api_key_env"] = "OTEL_TEST_FALLBACK_KEY".into();
-    config["listen"] = listen.to_string().into();
-    config["log_format"] = "text".into();
-    config["otel"] = otel;
-    config.to_string()
+    primary: RawUpstream,
+    fallback: RawUpstream,
+    path: String,
+    log: std::path::PathBuf,
 }
 
-/// Spawns the gateway for the config at `path`, stderr to `log`, and waits (bounded) until it
-/// listens on `listen`.
-async fn spawn(path: &str, log: &std::path::Path, listen: SocketAddr) -> Killed {
-    let child = Command::new(BIN)
-        .args(["--config", path])
-        .env_remove("RUST_LOG")
-        .env("WEB_KEY", KEY)
-        .env("OTEL_TEST_PRIMARY_KEY", PRIMARY_KEY)
-        .env("OTEL_TEST_FALLBACK_KEY", FALLBACK_KEY)
-        .env("OTEL_TEST_COLLECTOR_KEY", COLLECTOR_KEY)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
-        .spawn()
-        .unwrap();
-    let child = Killed(child);
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(listen).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the gateway listens"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+impl Running {
+    /// Spawns it and waits (bounded) until it listens.
+    async fn start(name: &str, otel: serde_json::Value) -> Running {
+        let primary = RawUpstream::start(DOWN, false).await;
+        let fallback = RawUpstream::start(OK_WITH_USAGE, false).await;
+        let listen = free_addr();
+        let mut config = with_client(config(&[
+            ("primary", primary.url()),
+            ("fallback", fallback.url()),
+        ]));
+        config["targets"][0]["api_key_env"] = "OTEL_TEST_PRIMARY_KEY".into();
+        config["targets"][1]["api_key_env"] = "OTEL_TEST_FALLBACK_KEY".into();
+        config["listen"] = listen.to_string().into();
+        config["log_format"] = "text".into();
+        config["otel"] = otel;
+        let path = config_file(name, &config.to_string());
+        let log = std::env::temp_dir().join(format!("tmf-{name}-{}.log", std::process::id()));
+        let env = [
+            ("WEB_KEY", KEY),
+            ("OTEL_TEST_PRIMARY_KEY", PRIMARY_KEY),
+            ("OTEL_TEST_FALLBACK_KEY", FALLBACK_KEY),
+            ("OTEL_TEST_COLLECTOR_KEY", COLLECTOR_KEY),
+        ];
+        let child = serve(&path, &log, &env);
+        listening(listen).await;
+        Running {
+            child,
+            listen,
+            primary,
+            fallback,
+            path,
+            log,
+        }
     }
-    child
+
+    /// SIGTERM; once it has ended (bounded), whether it ended well and its log.
+    async fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.terminate(Duration::from_secs(30)).await;
+        let stderr = std::fs::read_to_string(&self.log).unwrap();
+        println!("{stderr}");
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.log);
+        (status, stderr)
+    }
 }
 
 /// One chat request with the client's key; it falls back from the primary to the fallback.
@@ -127,26 +137,6 @@ async fn falls_back(listen: SocketAddr) {
     assert!(body.starts_with(b"{\"choices\""));
 }
 
-/// SIGTERM, then waits (bounded) for the process to end; whether it ended well.
-async fn terminate(child: &mut Killed) -> std::process::ExitStatus {
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let signalled = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(30),
-            "the gateway exits"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The value of attribute `key`, as text (strings as they are, integers in decimal).
 fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
     let value = attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
@@ -157,6 +147,12 @@ fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
     }
 }
 
+/// The span's events that have attribute `key`, in order.
+fn events_with<'a>(span: &'a Span, key: &str) -> Vec<&'a Event> {
+    let has = |e: &&Event| e.attributes.iter().any(|kv| kv.key == key);
+    span.events.iter().filter(has).collect()
+}
+
 fn attr(attributes: &[KeyValue], key: &str) -> String {
     attribute(attributes, key).unwrap_or_else(|| panic!("no {key} in {attributes:?}"))
 }
@@ -165,9 +161,6 @@ fn attr(attributes: &[KeyValue], key: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and_usage() {
     let (collector, exports) = receiver().await;
-    let primary = RawUpstream::start(DOWN, false).await;
-    let fallback = RawUpstream::start(OK_WITH_USAGE, false).await;
-    let listen = free_addr();
     // No path: the exporter posts to /v1/traces.
     let otel = serde_json::json!({
         "endpoint": format!("http://{collector}"),
@@ -175,15 +168,13 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
         "headers_env": {"x-collector-key": "OTEL_TEST_COLLECTOR_KEY"},
         "timeout_ms": 5000,
     });
-    let path = config_file("otel", &gateway_config(listen, &primary, &fallback, otel));
-    let log = std::env::temp_dir().join(format!("tmf-otel-{}.log", std::process::id()));
-    let mut child = spawn(&path, &log, listen).await;
-    falls_back(listen).await;
+    let gateway = Running::start("otel", otel).await;
+    falls_back(gateway.listen).await;
+    let upstreams = (gateway.primary.count(), gateway.fallback.count());
     // The spans are queued for the next batch; shutting down exports them.
-    let status = terminate(&mut child).await;
-    let stderr = std::fs::read_to_string(&log).unwrap();
+    let (status, stderr) = gateway.stop().await;
     assert!(status.success(), "{status}: {stderr}");
-    assert_eq!((primary.count(), fallback.count()), (1, 1));
+    assert_eq!(upstreams, (1, 1));
 
     let exports = exports.lock().unwrap().clone();
     assert!(!exports.is_empty(), "nothing exported; stderr: {stderr}");
@@ -224,11 +215,7 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     assert_eq!(attr(a, "gen_ai.usage.input_tokens"), "12");
     assert_eq!(attr(a, "gen_ai.usage.output_tokens"), "34");
     // The layer's usage event, read while the body streamed, is the server span's.
-    let usage: Vec<&Event> = server
-        .events
-        .iter()
-        .filter(|e| attribute(&e.attributes, "gen_ai.usage.input_tokens").is_some())
-        .collect();
+    let usage = events_with(server, "gen_ai.usage.input_tokens");
     assert_eq!(usage.len(), 1, "{:?}", server.events);
     assert_eq!(
         attr(&usage[0].attributes, "gen_ai.usage.input_tokens"),
@@ -253,11 +240,7 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     assert_eq!(attr(a, "gen_ai.response.model"), "model-fallback");
     assert_eq!(attr(a, "gen_ai.provider.name"), "fallback");
     // One event per attempt: the first to the primary, the second a resend to the fallback.
-    let attempts: Vec<&Event> = layer
-        .events
-        .iter()
-        .filter(|e| attribute(&e.attributes, "gen_ai.provider.name").is_some())
-        .collect();
+    let attempts = events_with(layer, "gen_ai.provider.name");
     assert_eq!(attempts.len(), 2, "{:?}", layer.events);
     let first = &attempts[0].attributes;
     assert_eq!(attr(first, "gen_ai.provider.name"), "primary");
@@ -269,7 +252,6 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     assert_eq!(attr(second, "http.request.resend_count"), "1");
 
     // The log lines are as without OpenTelemetry: no span around them, no secret.
-    println!("{stderr}");
     assert_eq!(stderr.matches(" request ").count(), 1, "{stderr}");
     for leaked in [
         "model_fallback{",
@@ -282,31 +264,19 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     ] {
         assert!(!stderr.contains(leaked), "{leaked} in the log: {stderr}");
     }
-    let _ = std::fs::remove_file(path);
-    let _ = std::fs::remove_file(log);
 }
 
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collector_that_is_down_costs_the_clients_nothing_and_is_logged() {
-    let primary = RawUpstream::start(DOWN, false).await;
-    let fallback = RawUpstream::start(OK_WITH_USAGE, false).await;
-    let listen = free_addr();
     let nobody = free_addr();
     let otel =
         serde_json::json!({"endpoint": format!("http://{nobody}/v1/traces"), "timeout_ms": 500});
-    let path = config_file(
-        "otel-down",
-        &gateway_config(listen, &primary, &fallback, otel),
-    );
-    let log = std::env::temp_dir().join(format!("tmf-otel-down-{}.log", std::process::id()));
-    let mut child = spawn(&path, &log, listen).await;
+    let gateway = Running::start("otel-down", otel).await;
     for _ in 0..3 {
-        falls_back(listen).await;
+        falls_back(gateway.listen).await;
     }
-    let status = terminate(&mut child).await;
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    println!("{stderr}");
+    let (status, stderr) = gateway.stop().await;
     assert!(status.success(), "{status}: {stderr}");
     assert_eq!(stderr.matches(" request ").count(), 3, "{stderr}");
     assert!(
@@ -314,8 +284,6 @@ async fn a_collector_that_is_down_costs_the_clients_nothing_and_is_logged() {
         "the failed export is logged: {stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let _ = std::fs::remove_file(path);
-    let _ = std::fs::remove_file(log);
 }
 
 #[test]
@@ -405,4 +373,26 @@ fn check_config_names_the_otel_field_at_fault() {
         let _ = std::fs::remove_file(path);
     }
     let _ = std::fs::remove_file(valid);
+}
+
+#[tokio::test]
+async fn a_reload_that_changes_otel_serves_on_and_says_it_needs_a_restart() {
+    use tower_model_fallback_gateway::{Gateway, GatewayConfig};
+    let file = |endpoint: &str| {
+        let json = format!(
+            r#"{{"targets": [{{"base_url": "http://127.0.0.1:9/v1"}}],
+                "otel": {{"endpoint": "{endpoint}"}}}}"#
+        );
+        GatewayConfig::from_json(json.as_bytes()).unwrap()
+    };
+    let running = file("http://127.0.0.1:4318");
+    let gateway = Gateway::new(&running, |_| None).unwrap();
+    assert_eq!(gateway.reload(&running, |_| None).unwrap(), None);
+    let warning = gateway
+        .reload(&file("http://127.0.0.1:4319"), |_| None)
+        .unwrap();
+    assert_eq!(
+        warning.as_deref(),
+        Some("otel changed; it takes effect at the next restart")
+    );
 }

@@ -2,8 +2,8 @@
 //! the test ends; its config in a temporary file; its log file waited on, bounded.
 
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Output};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fallback-gateway");
 
@@ -24,6 +24,21 @@ pub fn config_file(name: &str, json: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Spawns `fallback-gateway --config path` with `env` (and no `RUST_LOG`), its stderr to the
+/// file `log`.
+pub fn serve(path: &str, log: &std::path::Path, env: &[(&str, &str)]) -> Killed {
+    let mut command = Command::new(BIN);
+    command
+        .args(["--config", path])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    Killed(command.spawn().unwrap())
+}
+
 /// A spawned gateway, killed (if still running) and reaped when dropped.
 pub struct Killed(pub Child);
 
@@ -31,6 +46,37 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+impl Killed {
+    /// Sends SIGTERM and waits (bounded by `within`) for the process to end; how it ended.
+    pub async fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let kill = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let signalled = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(signalled.elapsed() < within, "the gateway exits");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Waits (bounded: 10 s) until something accepts connections on `addr`.
+pub async fn listening(addr: SocketAddr) {
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{addr} listens"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
