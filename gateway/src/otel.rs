@@ -3,7 +3,8 @@
 //!
 //! A proxied request is a trace of its own:
 //!
-//! - a server span named `METHOD /v1/path` (target [`SERVER_SPAN_TARGET`]) with
+//! - a server span named `METHOD /v1/route` (or `METHOD` for a path outside the known routes;
+//!   target [`SERVER_SPAN_TARGET`]) with `http.route`,
 //!   `http.request.method`, `url.path`, `http.response.status_code`, `fallback_gateway.client`
 //!   and, when the answer reports them, `gen_ai.usage.input_tokens` / `output_tokens`;
 //! - as its child, the layer's `model_fallback` span with `gen_ai.request.model`,

@@ -384,24 +384,67 @@ const DECODED: [&[u8]; 4] = [b"gzip", b"br", b"deflate", b"zstd"];
 /// request with no span around it.
 pub const SERVER_SPAN_TARGET: &str = "fallback_gateway::server";
 
-/// A proxied request's server span, named `METHOD /v1/path` with OpenTelemetry's HTTP attribute
-/// names; the status and the served request's token counts are recorded when it ends
-/// ([`Line::log`]). Disabled (and nearly free) unless a subscriber wants the target.
+/// The routes a server span is named after (`http.route`), under `/v1`: the providers' fixed
+/// endpoints. Any other path (one with an ID in it, `/files/file-abc`) names the span by its
+/// method alone, as OpenTelemetry's HTTP conventions ask: a span name is low-cardinality.
+const ROUTES: [&str; 13] = [
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/messages",
+    "/embeddings",
+    "/moderations",
+    "/models",
+    "/images/generations",
+    "/images/edits",
+    "/audio/speech",
+    "/audio/transcriptions",
+    "/audio/translations",
+    "/rerank",
+];
+
+/// A proxied request's server span, named `METHOD /v1/route` for the known [`ROUTES`] (else
+/// `METHOD`), with OpenTelemetry's HTTP attribute names; the status and the served request's
+/// token counts are recorded when it ends ([`Line::log`]). Disabled (and nearly free) unless a
+/// subscriber wants the target.
 fn server_span(method: &Method, path: &str, caller: &Caller) -> tracing::Span {
     let empty = tracing::field::Empty;
+    let route = ROUTES.contains(&path).then_some(path);
     tracing::info_span!(
         target: SERVER_SPAN_TARGET,
         "request",
-        otel.name = %format_args!("{method} /v1{path}"),
+        otel.name = %SpanName(method, route),
         otel.kind = "server",
         otel.status_code = empty,
         http.request.method = %method,
-        url.path = %format_args!("/v1{path}"),
+        http.route = route.map(|r| tracing::field::display(V1(r))),
+        url.path = %V1(path),
         http.response.status_code = empty,
         fallback_gateway.client = caller.as_deref().unwrap_or("-"),
         gen_ai.usage.input_tokens = empty,
         gen_ai.usage.output_tokens = empty,
     )
+}
+
+/// `METHOD /v1/route`, or `METHOD` alone.
+struct SpanName<'a>(&'a Method, Option<&'a str>);
+
+impl std::fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Some(route) => write!(f, "{} {}", self.0, V1(route)),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// A routed path as the client sent it: under `/v1`.
+struct V1<'a>(&'a str);
+
+impl std::fmt::Display for V1<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "/v1{}", self.0)
+    }
 }
 
 /// What the per-request log line says, besides the report.
