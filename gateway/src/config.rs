@@ -12,6 +12,7 @@ use tower_model_fallback::{ConfigError, FallbackConfig};
 /// A parsed config. Keys (the targets' and the clients') are still environment variable names:
 /// [`Gateway::new`](crate::Gateway::new) reads them.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GatewayConfig {
     /// Where to listen (default `127.0.0.1:8080`).
     pub listen: SocketAddr,
@@ -106,11 +107,26 @@ impl OtelConfig {
         let headers_env: BTreeMap<String, String> = take(&mut object, "headers_env")
             .map_err(within)?
             .unwrap_or_default();
+        let mut seen = Vec::new();
         for (name, var) in &headers_env {
             let field = || format!("otel.headers_env.{name}");
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            // Lowercased: `X-Key` and `x-key` are one header.
+            let Ok(header) = http::HeaderName::from_bytes(name.as_bytes()) else {
                 return Err(ConfigError::new(field(), "is not a valid header name"));
+            };
+            if EXPORTER_HEADERS.contains(&header.as_str()) {
+                return Err(ConfigError::new(
+                    field(),
+                    "is set by the exporter or the connection, not by the config",
+                ));
             }
+            if seen.contains(&header) {
+                return Err(ConfigError::new(
+                    field(),
+                    "is given twice (header names are not case-sensitive)",
+                ));
+            }
+            seen.push(header);
             if var.is_empty() {
                 return Err(ConfigError::new(field(), "names no environment variable"));
             }
@@ -118,8 +134,12 @@ impl OtelConfig {
         let timeout_ms: u64 = take(&mut object, "timeout_ms")
             .map_err(within)?
             .unwrap_or(OTEL_TIMEOUT_MS);
-        if timeout_ms == 0 {
-            return Err(ConfigError::new("otel.timeout_ms", "must be at least 1"));
+        if !(1..=OTEL_TIMEOUT_MAX_MS).contains(&timeout_ms) {
+            // Bounded: SIGTERM waits up to twice this for the last spans.
+            return Err(ConfigError::new(
+                "otel.timeout_ms",
+                format!("must be from 1 to {OTEL_TIMEOUT_MAX_MS}"),
+            ));
         }
         if let Some(unknown) = object.keys().next() {
             return Err(ConfigError::new(
@@ -158,16 +178,18 @@ fn traces_endpoint(endpoint: &str) -> Result<http::Uri, String> {
     if authority.as_str().contains('@') {
         return Err("holds credentials; give them as headers in headers_env".to_owned());
     }
+    // The exporter logs the URL of a failed export (at debug): a token in a query would show.
+    if uri.query().is_some() {
+        return Err("has a query; give credentials as headers in headers_env".to_owned());
+    }
     if authority.host().is_empty() {
         return Err("has no host".to_owned());
     }
     match uri.path_and_query() {
         Some(pq) if pq.path() != "/" => Ok(uri),
-        pq => {
-            let query = pq.and_then(|pq| pq.query()).map(|q| format!("?{q}"));
+        _ => {
             let mut parts = uri.into_parts();
-            let path = format!("{OTEL_TRACES_PATH}{}", query.unwrap_or_default());
-            parts.path_and_query = Some(path.parse().map_err(|e| format!("{e}"))?);
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static(OTEL_TRACES_PATH));
             http::Uri::from_parts(parts).map_err(|e| format!("{e}"))
         }
     }
@@ -177,6 +199,19 @@ fn traces_endpoint(endpoint: &str) -> Result<http::Uri, String> {
 const OTEL_TRACES_PATH: &str = "/v1/traces";
 const OTEL_SERVICE_NAME: &str = "fallback-gateway";
 const OTEL_TIMEOUT_MS: u64 = 10_000;
+const OTEL_TIMEOUT_MAX_MS: u64 = 60_000;
+/// Headers the exporter (`content-type`, `content-length`, `content-encoding`) or the
+/// connection sets: one from `headers_env` would break the export.
+const EXPORTER_HEADERS: [&str; 8] = [
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "te",
+    "upgrade",
+];
 
 /// The `log_format` field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -445,10 +480,6 @@ mod tests {
             ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
             ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),
             (
-                "https://otel.example?tenant=a",
-                "https://otel.example/v1/traces?tenant=a",
-            ),
-            (
                 "https://otel.example/custom/traces",
                 "https://otel.example/custom/traces",
             ),
@@ -462,6 +493,14 @@ mod tests {
             (
                 "http://u:secret@otel.example",
                 "holds credentials; give them as headers in headers_env",
+            ),
+            (
+                "https://otel.example/v1/traces?api_key=secret",
+                "has a query; give credentials as headers in headers_env",
+            ),
+            (
+                "https://otel.example?tenant=a",
+                "has a query; give credentials as headers in headers_env",
             ),
         ] {
             assert_eq!(traces_endpoint(given).unwrap_err(), problem, "{given}");

@@ -24,7 +24,8 @@ Keys come from the environment variables the config names. Logs go to stderr, on
 request, as JSON or text (log_format; RUST_LOG=tower_model_fallback=debug shows every attempt).
 SIGHUP reloads the config file: a valid one serves new requests at once, an invalid one is
 logged and the running config goes on. SIGTERM or Ctrl-C stops accepting, lets requests in
-flight finish for shutdown_timeout_ms, then cuts the rest.
+flight finish for shutdown_timeout_ms, then cuts the rest (with otel, the last spans are
+exported first, for at most twice otel.timeout_ms).
 ";
 
 fn main() -> ExitCode {
@@ -130,7 +131,12 @@ fn init_logs(format: Option<LogFormat>, otel: Option<BoxedLayer>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,tower_model_fallback=warn".into())
         // The server spans are for OpenTelemetry: a log line has no span around it.
-        .and(filter_fn(|meta| meta.target() != SERVER_SPAN_TARGET));
+        // A hint of "any level" keeps the env filter's as the pair's: without one, the pair
+        // would have none and every disabled debug callsite would be asked again.
+        .and(
+            filter_fn(|meta| meta.target() != SERVER_SPAN_TARGET)
+                .with_max_level_hint(tracing_subscriber::filter::LevelFilter::TRACE),
+        );
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match LogFormat::or_by_terminal(format) {
         // One flat object a line: the event's fields beside `timestamp`, `level`, `target`.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -125,8 +125,14 @@ async fn send(
     request: Request<Full<Bytes>>,
 ) -> Result<Response<Bytes>, HttpError> {
     let (head, body) = client.request(request).await?.into_parts();
-    let body = Limited::new(body, MAX_ANSWER_BYTES).collect().await?;
-    Ok(Response::from_parts(head, body.to_bytes()))
+    let body = match Limited::new(body, MAX_ANSWER_BYTES).collect().await {
+        Ok(body) => body.to_bytes(),
+        // The status is the answer; past the bound its message is left unread, not turned
+        // into a network error the exporter would retry (sending the batch again).
+        Err(e) if e.is::<LengthLimitError>() => Bytes::new(),
+        Err(e) => return Err(e),
+    };
+    Ok(Response::from_parts(head, body))
 }
 
 /// The running export: the tracer provider behind the layer of [`Telemetry::start`].

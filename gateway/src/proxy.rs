@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::auth::{Caller, Clients};
 use crate::config::{GatewayConfig, OtelConfig};
 use crate::metrics::{self, Metrics, RequestOutcome};
-use crate::serve::InFlight;
+use crate::serve::{InFlight, Limits};
 use crate::upstream::{stack, Stack};
 
 /// The gateway's request handling, shared by every connection (a clone is one reference count).
@@ -42,6 +42,48 @@ struct Inner {
     /// The config serving new requests; a request in flight keeps the one it started with.
     current: ArcSwap<Shared>,
     metrics: Metrics,
+    /// What the running server took from the config it started with, whatever reloads since.
+    started: Started,
+}
+
+/// The fields a reload cannot change: the running server's address, client-side limits and
+/// trace export.
+#[derive(PartialEq)]
+struct Started {
+    listen: std::net::SocketAddr,
+    limits: Limits,
+    otel: Option<OtelConfig>,
+}
+
+impl Started {
+    fn of(config: &GatewayConfig) -> Started {
+        Started {
+            listen: config.listen,
+            limits: config.into(),
+            otel: config.otel.clone(),
+        }
+    }
+
+    /// What `next` changes of these: each waits for a restart.
+    fn changed_by(&self, next: &Started) -> Option<String> {
+        let mut changed = Vec::new();
+        if next.listen != self.listen {
+            changed.push(format!("listen ({} -> {})", self.listen, next.listen));
+        }
+        if next.limits != self.limits {
+            changed.push("header_read_timeout_ms / idle_timeout_ms / shutdown_timeout_ms".into());
+        }
+        // Not the values: the endpoint is the operator's to log or not.
+        if next.otel != self.otel {
+            changed.push("otel".into());
+        }
+        (!changed.is_empty()).then(|| {
+            format!(
+                "changed: {}; the running server keeps what it started with until a restart",
+                changed.join(", ")
+            )
+        })
+    }
 }
 
 struct Shared {
@@ -57,8 +99,6 @@ struct Shared {
     /// Each client's request counter, by name (the anonymous caller's under `anonymous`).
     client_counts: Vec<(Arc<str>, Arc<AtomicU64>)>,
     targets: Vec<String>,
-    listen: std::net::SocketAddr,
-    otel: Option<OtelConfig>,
 }
 
 impl Shared {
@@ -95,8 +135,6 @@ impl Shared {
             layer,
             clients,
             client_counts,
-            listen: config.listen,
-            otel: config.otel.clone(),
         })
     }
 
@@ -144,6 +182,7 @@ impl Gateway {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(shared),
                 metrics,
+                started: Started::of(config),
             }),
         })
     }
@@ -151,9 +190,10 @@ impl Gateway {
     /// Serves `config` from now on, when it is valid: new requests use it at once, requests in
     /// flight finish on the config they started with, and targets that are the same in both
     /// (name, base URL, model, key) keep their cooldowns and counters. When it is not valid,
-    /// nothing changes and the error says why. `listen`, `otel` and the client-side timeouts of
-    /// [`serve`](crate::serve::serve) are the running server's: a change to `listen` or `otel`
-    /// waits for a restart (the returned warning says so).
+    /// nothing changes and the error says why. `listen`, `otel` and the client-side limits of
+    /// [`serve`](crate::serve::serve) stay those the server started with: a file that differs
+    /// from them there gets a warning that they wait for a restart (compared with the start,
+    /// not with the last reload).
     pub fn reload(
         &self,
         config: &GatewayConfig,
@@ -161,20 +201,7 @@ impl Gateway {
     ) -> Result<Option<String>, ConfigError> {
         let current = self.inner.current.load_full();
         let next = Shared::new(config, &env, &self.inner.metrics, Some(&current))?;
-        let listen = (next.listen != current.listen).then(|| {
-            format!(
-                "listen changed ({} -> {}); it takes effect at the next restart",
-                current.listen, next.listen
-            )
-        });
-        // Not the values: `headers_env` only names variables, but the endpoint is the
-        // operator's to log or not.
-        let otel = (next.otel != current.otel)
-            .then(|| "otel changed; it takes effect at the next restart".to_owned());
-        let warning = match (listen, otel) {
-            (Some(listen), Some(otel)) => Some(format!("{listen}; {otel}")),
-            (listen, otel) => listen.or(otel),
-        };
+        let warning = self.inner.started.changed_by(&Started::of(config));
         self.inner.current.store(Arc::new(next));
         Ok(warning)
     }
@@ -410,14 +437,21 @@ const ROUTES: [&str; 13] = [
 fn server_span(method: &Method, path: &str, caller: &Caller) -> tracing::Span {
     let empty = tracing::field::Empty;
     let route = ROUTES.contains(&path).then_some(path);
+    // A method outside HTTP's own is `_OTHER` (its name in `method_original`): a client may
+    // send any token there, and names and attribute values stay few.
+    let known = KNOWN_METHODS.contains(method);
+    let name = if known { method.as_str() } else { "HTTP" };
     tracing::info_span!(
         target: SERVER_SPAN_TARGET,
         "request",
-        otel.name = %SpanName(method, route),
+        otel.name = %SpanName(name, route),
         otel.kind = "server",
         otel.status_code = empty,
-        http.request.method = %method,
+        error.r#type = empty,
+        http.request.method = if known { method.as_str() } else { "_OTHER" },
+        http.request.method_original = (!known).then(|| method.as_str()),
         http.route = route.map(|r| tracing::field::display(V1(r))),
+        url.scheme = "http",
         url.path = %V1(path),
         http.response.status_code = empty,
         fallback_gateway.client = caller.as_deref().unwrap_or("-"),
@@ -426,8 +460,21 @@ fn server_span(method: &Method, path: &str, caller: &Caller) -> tracing::Span {
     )
 }
 
+/// HTTP's methods (RFC 9110 and PATCH), as OpenTelemetry's conventions know them.
+const KNOWN_METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::CONNECT,
+    Method::OPTIONS,
+    Method::TRACE,
+    Method::PATCH,
+];
+
 /// `METHOD /v1/route`, or `METHOD` alone.
-struct SpanName<'a>(&'a Method, Option<&'a str>);
+struct SpanName<'a>(&'a str, Option<&'a str>);
 
 impl std::fmt::Display for SpanName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -491,6 +538,7 @@ impl Line {
             .record("http.response.status_code", status.as_u16());
         if status.is_server_error() {
             self.span.record("otel.status_code", "error");
+            self.span.record("error.type", status.as_str());
         }
         if let Some(usage) = usage {
             self.span

@@ -38,7 +38,7 @@ use crate::proxy::{Gateway, GatewayBody};
 pub const LINGER: Duration = Duration::from_secs(5);
 
 /// The client-side limits of [`serve`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// See [`GatewayConfig::header_read_timeout`].
     pub header_read_timeout: Duration,

@@ -244,3 +244,35 @@ async fn a_request_in_flight_finishes_on_the_config_it_started_with() {
         (200, "old")
     );
 }
+
+#[test]
+fn a_reload_that_changes_what_the_server_started_with_says_so_at_each_reload_until_it_is_back() {
+    let file = |listen: &str, idle_ms: u64| {
+        let json = serde_json::json!({
+            "listen": listen,
+            "idle_timeout_ms": idle_ms,
+            "targets": [{"base_url": "http://127.0.0.1:9/v1"}],
+        });
+        GatewayConfig::from_json(json.to_string().as_bytes()).unwrap()
+    };
+    let running = file("127.0.0.1:8080", 5000);
+    let gateway = Gateway::new(&running, |_| None).unwrap();
+    let moved = file("127.0.0.1:8081", 5000);
+    for _ in 0..2 {
+        assert_eq!(
+            gateway.reload(&moved, |_| None).unwrap().as_deref(),
+            Some(
+                "changed: listen (127.0.0.1:8080 -> 127.0.0.1:8081); the running server keeps \
+                 what it started with until a restart"
+            )
+        );
+    }
+    let warning = gateway
+        .reload(&file("127.0.0.1:8080", 9000), |_| None)
+        .unwrap();
+    assert!(
+        warning.is_some_and(|w| w.starts_with("changed: header_read_timeout_ms / idle_timeout_ms")),
+        "a client-side limit"
+    );
+    assert_eq!(gateway.reload(&running, |_| None).unwrap(), None);
+}

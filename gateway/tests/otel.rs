@@ -137,11 +137,13 @@ async fn falls_back(listen: SocketAddr) {
     assert!(body.starts_with(b"{\"choices\""));
 }
 
-/// A GET of a file by its ID, with the client's key; any answer will do.
-async fn get_a_file(listen: SocketAddr) {
+/// A file asked for by its ID with `method` and the client's key; any answer will do.
+async fn get_a_file(listen: SocketAddr, method: http::Method) {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let request = http::Request::get(format!("http://{listen}/v1/files/file-abc123"))
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{listen}/v1/files/file-abc123"))
         .header("authorization", format!("Bearer {KEY}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -188,7 +190,9 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     falls_back(gateway.listen).await;
     let upstreams = (gateway.primary.count(), gateway.fallback.count());
     // A path with an ID in it: the span is named by its method alone (low-cardinality names).
-    get_a_file(gateway.listen).await;
+    get_a_file(gateway.listen, http::Method::GET).await;
+    // A method outside HTTP's own, not idempotent: one target only, whose 503 is the answer.
+    get_a_file(gateway.listen, http::Method::from_bytes(b"QUERY").unwrap()).await;
     // The spans are queued for the next batch; shutting down exports them.
     let (status, stderr) = gateway.stop().await;
     assert!(status.success(), "{status}: {stderr}");
@@ -228,6 +232,8 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     let a = &server.attributes;
     assert_eq!(attr(a, "http.request.method"), "POST");
     assert_eq!(attr(a, "http.route"), "/v1/chat/completions");
+    assert_eq!(attr(a, "url.scheme"), "http");
+    assert_eq!(attribute(a, "error.type"), None);
     assert_eq!(attr(a, "url.path"), "/v1/chat/completions");
     assert_eq!(attr(a, "http.response.status_code"), "200");
     assert_eq!(attr(a, "fallback_gateway.client"), "web");
@@ -255,6 +261,20 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
         !names.iter().any(|n| n.contains("file-abc123")),
         "{names:?}"
     );
+    let other = spans
+        .iter()
+        .find(|s| s.name == "HTTP")
+        .unwrap_or_else(|| panic!("no span named HTTP in {names:?}"));
+    let a = &other.attributes;
+    assert_eq!(attr(a, "http.request.method"), "_OTHER");
+    assert_eq!(attr(a, "http.request.method_original"), "QUERY");
+    assert_eq!(attr(a, "http.response.status_code"), "503");
+    assert_eq!(attr(a, "error.type"), "503");
+    assert_eq!(
+        other.status.as_ref().map(|s| s.code),
+        Some(2),
+        "status error"
+    );
 
     let layer = spans
         .iter()
@@ -281,9 +301,9 @@ async fn a_fallback_is_exported_as_a_server_span_with_the_layers_span_events_and
     assert_eq!(attr(second, "gen_ai.request.model"), "model-fallback");
     assert_eq!(attr(second, "http.request.resend_count"), "1");
 
-    // The log lines are as without OpenTelemetry (one a request, the chat and the GET): no span
-    // around them, no secret.
-    assert_eq!(stderr.matches(" request ").count(), 2, "{stderr}");
+    // The log lines are as without OpenTelemetry (one a request: the chat, the GET, the QUERY):
+    // no span around them, no secret.
+    assert_eq!(stderr.matches(" request ").count(), 3, "{stderr}");
     for leaked in [
         "model_fallback{",
         "request{",
@@ -379,7 +399,27 @@ fn check_config_names_the_otel_field_at_fault() {
         (
             "timeout",
             r#"{"endpoint": "http://127.0.0.1:4318", "timeout_ms": 0}"#,
-            "otel.timeout_ms: must be at least 1",
+            "otel.timeout_ms: must be from 1 to 60000",
+        ),
+        (
+            "timeout-long",
+            r#"{"endpoint": "http://127.0.0.1:4318", "timeout_ms": 600000}"#,
+            "otel.timeout_ms: must be from 1 to 60000",
+        ),
+        (
+            "query",
+            r#"{"endpoint": "https://collector.example/v1/traces?api_key=hunter2"}"#,
+            "otel.endpoint: has a query; give credentials as headers in headers_env",
+        ),
+        (
+            "exporter-header",
+            r#"{"endpoint": "http://127.0.0.1:4318", "headers_env": {"Content-Type": "OTEL_CHECK_KEY"}}"#,
+            "otel.headers_env.Content-Type: is set by the exporter or the connection",
+        ),
+        (
+            "twice",
+            r#"{"endpoint": "http://127.0.0.1:4318", "headers_env": {"X-Key": "OTEL_CHECK_KEY", "x-key": "OTEL_CHECK_KEY"}}"#,
+            "is given twice (header names are not case-sensitive)",
         ),
         (
             "unknown",
@@ -419,11 +459,13 @@ async fn a_reload_that_changes_otel_serves_on_and_says_it_needs_a_restart() {
     let running = file("http://127.0.0.1:4318");
     let gateway = Gateway::new(&running, |_| None).unwrap();
     assert_eq!(gateway.reload(&running, |_| None).unwrap(), None);
-    let warning = gateway
-        .reload(&file("http://127.0.0.1:4319"), |_| None)
-        .unwrap();
-    assert_eq!(
-        warning.as_deref(),
-        Some("otel changed; it takes effect at the next restart")
-    );
+    let changed = file("http://127.0.0.1:4319");
+    let expected = "changed: otel; the running server keeps what it started with until a restart";
+    // Said at each reload while the file differs from what runs, not only at the first.
+    for _ in 0..2 {
+        let warning = gateway.reload(&changed, |_| None).unwrap();
+        assert_eq!(warning.as_deref(), Some(expected));
+    }
+    // Back to what runs: nothing to say.
+    assert_eq!(gateway.reload(&running, |_| None).unwrap(), None);
 }

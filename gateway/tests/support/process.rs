@@ -7,10 +7,23 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fallback-gateway");
 
-/// Runs the binary with `args` and `env` (and no `RUST_LOG`) to its end.
-pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+/// The binary, with none of the environment's `RUST_LOG` and `OTEL_*` (the OpenTelemetry SDK
+/// reads its sampler, headers and batch settings there): only what a test gives it.
+fn command() -> Command {
     let mut command = Command::new(BIN);
-    command.args(args).env_remove("RUST_LOG");
+    command.env_remove("RUST_LOG");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("OTEL_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+/// Runs the binary with `args` and `env` (and no `RUST_LOG` or `OTEL_*`) to its end.
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = command();
+    command.args(args);
     for (k, v) in env {
         command.env(k, v);
     }
@@ -24,13 +37,12 @@ pub fn config_file(name: &str, json: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Spawns `fallback-gateway --config path` with `env` (and no `RUST_LOG`), its stderr to the
-/// file `log`.
+/// Spawns `fallback-gateway --config path` with `env` (and no `RUST_LOG` or `OTEL_*`), its
+/// stderr to the file `log`.
 pub fn serve(path: &str, log: &std::path::Path, env: &[(&str, &str)]) -> Killed {
-    let mut command = Command::new(BIN);
+    let mut command = command();
     command
         .args(["--config", path])
-        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::from(std::fs::File::create(log).unwrap()));
     for (k, v) in env {
