@@ -9,8 +9,7 @@
 //!
 //! Measured through a real HTTP/1.1 connection, not an in-process body: what the upstream's
 //! frames are slices of (hyper's read buffer) is part of the cost. The layer holds a copy of a
-//! preamble, so it does not pin that buffer; before it did, the 60 KiB preamble cost 123 KiB a
-//! stream to hold.
+//! preamble in one buffer, so it does not pin hyper's; BENCHMARKS.md has the figures before.
 //!
 //! Run: `cargo run --release -p tower-model-fallback-gateway --example preamble_memory -- [n]`.
 

@@ -435,6 +435,10 @@ const ROUTES: [&str; 13] = [
 /// token counts are recorded when it ends ([`Line::log`]). Disabled (and nearly free) unless a
 /// subscriber wants the target.
 fn server_span(method: &Method, path: &str, caller: &Caller) -> tracing::Span {
+    // Without a subscriber for it (no `otel`), nothing below is worked out.
+    if !tracing::enabled!(target: SERVER_SPAN_TARGET, tracing::Level::INFO) {
+        return tracing::Span::none();
+    }
     let empty = tracing::field::Empty;
     let route = ROUTES.contains(&path).then_some(path);
     // A method outside HTTP's own is `_OTHER` (its name in `method_original`): a client may

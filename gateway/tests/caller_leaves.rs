@@ -10,9 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioExecutor;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -214,14 +211,7 @@ async fn an_h2_client_that_resets_its_stream_while_a_preamble_is_held_closes_the
     let primary = Holding::start(Framing::Chunked, opening).await;
     let fallback = fallback().await;
     let gw = gateway_over(&primary, &fallback, None).await;
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
-    let request = http::Request::post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(STREAM_CHAT.as_bytes())))
-        .unwrap();
-    let waiting = tokio::spawn(client.request(request));
+    let waiting = tokio::spawn(h2c_chat(gw.url("/v1/chat/completions"), STREAM_CHAT));
     tokio::time::timeout(Duration::from_secs(5), primary.sent.notified())
         .await
         .expect("the primary sent its preamble");

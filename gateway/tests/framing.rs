@@ -317,14 +317,9 @@ async fn an_h2c_client_gets_a_chunked_upstream_answer_with_its_hop_by_hop_header
     )
     .await;
     let gw = gateway(one_target(up.url()), &[]).await;
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
-    let request = http::Request::post(gw.url("/v1/chat/completions"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(CHAT.as_bytes())))
+    let response = h2c_chat(gw.url("/v1/chat/completions"), CHAT)
+        .await
         .unwrap();
-    let response = client.request(request).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "3");

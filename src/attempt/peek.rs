@@ -54,10 +54,15 @@ pub(crate) struct Peek<R: Body> {
     /// What the read so far shows of the stream's commit point, as of `scanned_at` bytes read.
     pub(crate) found: Found,
     scanned_at: usize,
-    /// An event stream's bytes after its last complete event, while its commit point is not
-    /// found: what the next scan starts from. Each byte is copied here once and scanned once,
-    /// however finely the upstream splits its preamble; it holds at most one unfinished event.
-    tail: Vec<u8>,
+    /// An event stream's bytes while its commit point is not found, after every frame in
+    /// `frames`: copied here once, in one buffer, however finely the upstream splits them. A
+    /// preamble may be held for long (a model that thinks before its first token): as a copy it
+    /// does not pin the read buffers the frames were slices of (hyper's: 8 KiB and up), and the
+    /// scan reads it in place. It becomes one frame when the commit point is found or the
+    /// response is handed on.
+    held: BytesMut,
+    /// Where in `held` the next scan starts: the end of the last complete event.
+    scan_from: usize,
     /// Whether a complete preamble event (not only comments) has been read.
     preamble_seen: bool,
     /// The stream's wire format, once an event shows it.
@@ -82,7 +87,8 @@ impl<R: Body> Peek<R> {
                 events: 0,
             },
             scanned_at: 0,
-            tail: Vec::new(),
+            held: BytesMut::new(),
+            scan_from: 0,
             preamble_seen: false,
             dialect: None,
         }
@@ -136,13 +142,15 @@ impl<R: Body> Peek<R> {
             return;
         }
         self.scanned_at = self.read;
-        self.found = sse::scan(&self.tail, 0, self.first_event, &mut self.dialect);
-        match self.found {
-            Found::Preamble { scanned, events } => {
-                self.preamble_seen |= events > 0;
-                self.tail.drain(..scanned);
-            }
-            _ => self.tail = Vec::new(),
+        self.found = sse::scan(
+            &self.held,
+            self.scan_from,
+            self.first_event,
+            &mut self.dialect,
+        );
+        if let Found::Preamble { scanned, events } = self.found {
+            self.preamble_seen |= events > 0;
+            self.scan_from = scanned;
         }
     }
 
@@ -158,16 +166,32 @@ impl<R: Body> Peek<R> {
         for data in self.frames.data() {
             out.extend_from_slice(data.chunk());
         }
+        out.extend_from_slice(&self.held);
         out
+    }
+
+    /// What `held` holds, as the next frame.
+    fn release_held(&mut self)
+    where
+        R::Data: From<Bytes>,
+    {
+        if !self.held.is_empty() {
+            let held = self.held.split().freeze();
+            self.frames.push_back(Frame::data(R::Data::from(held)));
+        }
     }
 
     /// Hands the response on: what was read comes first, then the rest of the body.
     #[inline(always)]
     pub(crate) fn into_response(
-        self,
+        mut self,
         cells: Arc<BodyCells>,
         extras: Extras,
-    ) -> Response<ResponseBody<R>> {
+    ) -> Response<ResponseBody<R>>
+    where
+        R::Data: From<Bytes>,
+    {
+        self.release_held();
         let body = ResponseBody::with_buffered(
             self.body,
             self.frames,
@@ -206,20 +230,17 @@ where
                     Ok(data) if !data.has_remaining() => {}
                     Ok(data) => {
                         self.read += data.remaining();
-                        let data =
-                            if self.event_stream && matches!(self.found, Found::Preamble { .. }) {
-                                // A preamble may be held for long (a model that thinks before its
-                                // first token): held as a copy of its few bytes, it does not pin
-                                // the read buffer the frame is a slice of (hyper's: 8 KiB and up).
-                                let held = copied(data);
-                                self.tail.extend_from_slice(&held);
-                                R::Data::from(held)
-                            } else {
-                                data
-                            };
-                        self.frames.push_back(Frame::data(data));
+                        if self.event_stream && matches!(self.found, Found::Preamble { .. }) {
+                            self.held.put(data);
+                        } else {
+                            self.release_held();
+                            self.frames.push_back(Frame::data(data));
+                        }
                     }
-                    Err(frame) => self.frames.push_back(frame),
+                    Err(frame) => {
+                        self.release_held();
+                        self.frames.push_back(frame);
+                    }
                 },
                 Poll::Ready(Some(Err(e))) => self.error = Some(e.into()),
                 Poll::Ready(None) => self.ended = true,
@@ -227,11 +248,4 @@ where
             }
         }
     }
-}
-
-/// The bytes of `data` in an allocation of their own.
-fn copied(data: impl Buf) -> Bytes {
-    let mut out = BytesMut::with_capacity(data.remaining());
-    out.put(data);
-    out.freeze()
 }

@@ -133,7 +133,10 @@ struct Next {
     charged: bool,
 }
 
-impl<R: Body> Engine<R> {
+impl<R: Body> Engine<R>
+where
+    R::Data: From<bytes::Bytes>,
+{
     /// A request whose body was read and prepared: counts it, makes its budget deposit, and
     /// chooses its first target. `deadline` is when the overall deadline passes, if the future
     /// can time it.

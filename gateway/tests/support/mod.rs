@@ -270,6 +270,18 @@ pub async fn post(
     (head.status, head.headers, body)
 }
 
+/// A chat POST of `body` to `url` over HTTP/2 with prior knowledge (h2c): the response to come.
+pub fn h2c_chat(url: String, body: &'static str) -> hyper_util::client::legacy::ResponseFuture {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let request = http::Request::post(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    client.request(request)
+}
+
 /// A success that reports its usage.
 pub const OK_WITH_USAGE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 84\r\n\r\n{\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34,\"total_tokens\":46}}";
 /// A 503.
